@@ -1,0 +1,24 @@
+"""Typed configuration: one dataclass tree, YAML files in configs/, dotted command-line overrides."""
+from megatron_minio3.config.loader import ConfigError, dump_yaml, load_config, parse_cli, to_dict
+from megatron_minio3.config.schema import (
+    ActorConfig,
+    Config,
+    OptimConfig,
+    ParallelConfig,
+    RefConfig,
+    TrainerConfig,
+)
+
+__all__ = [
+    "ActorConfig",
+    "Config",
+    "ConfigError",
+    "OptimConfig",
+    "ParallelConfig",
+    "RefConfig",
+    "TrainerConfig",
+    "dump_yaml",
+    "load_config",
+    "parse_cli",
+    "to_dict",
+]

@@ -1,0 +1,140 @@
+"""The root configuration tree. Each package owns its section's dataclass (config/<section>.py);
+this file owns the sections that belong to the trainer itself and the root that ties them together."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_minio3.config.algorithm import AlgorithmConfig, PackingConfig
+from megatron_minio3.config.data import DataConfig
+from megatron_minio3.config.reward import RewardConfig
+from megatron_minio3.config.rollout import EvalConfig, RolloutConfig
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron layout of the actor/reference ranks: world = tp * pp * cp * dp."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "cp", "dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global grad-norm clip; 0 disables
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"actor.optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"actor.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"actor.optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+
+
+@dataclass
+class ActorConfig:
+    """The Megatron policy being trained."""
+
+    load: str = ""  # Megatron checkpoint to start from; empty = convert `model` (HF) on the fly
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    ppo_mini_batch_size: int = 32  # prompts per optimizer step (each with rollout.n samples)
+    ppo_epochs: int = 1
+    freeze_vision_tower: bool = False
+    freeze_merger: bool = False
+    freeze_language_model: bool = False
+    recompute_activations: bool = False
+    offload_to_host_between_phases: bool = False  # colocated rollout: free device memory while vLLM runs
+
+    def validate(self) -> None:
+        if self.ppo_mini_batch_size < 1 or self.ppo_epochs < 1:
+            raise ValueError(
+                f"actor.ppo_mini_batch_size and actor.ppo_epochs must be >= 1, got "
+                f"{self.ppo_mini_batch_size} and {self.ppo_epochs}"
+            )
+
+
+@dataclass
+class RefConfig:
+    """The frozen reference policy (built from the same checkpoint); only needed when a KL term is on."""
+
+    enabled: Literal["auto", "true", "false"] = "auto"  # auto: on when algorithm.kl_coef > 0
+    offload_to_host: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    project: str = "megatron_minio3"
+    experiment: str = "grpo"
+    output_dir: str = "outputs/grpo"
+    total_steps: int = 100
+    train_batch_size: int = 256  # valid prompts per step (after dynamic sampling)
+    save_every: int = 50
+    eval_every: int = 0  # 0: no evaluation during training
+    resume: bool = True  # continue from the latest complete checkpoint in output_dir
+    seed: int = 1
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+
+    def validate(self) -> None:
+        if self.total_steps < 1 or self.train_batch_size < 1:
+            raise ValueError(
+                f"trainer.total_steps and trainer.train_batch_size must be >= 1, got "
+                f"{self.total_steps} and {self.train_batch_size}"
+            )
+        unknown = sorted(set(self.loggers) - {"console", "jsonl", "wandb"})
+        if unknown:
+            raise ValueError(f"trainer.loggers: unknown logger(s) {unknown}; choose from console, jsonl, wandb")
+
+
+@dataclass
+class Config:
+    """Everything a run needs, validated before any process starts."""
+
+    model: str = ""  # HF Qwen2.5-VL checkpoint directory (weights, tokenizer, processor)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Checks that span sections (each section's own `validate` runs first, from the loader)."""
+        if self.trainer.train_batch_size % self.actor.ppo_mini_batch_size:
+            raise ValueError(
+                f"trainer.train_batch_size ({self.trainer.train_batch_size}) must be a multiple of "
+                f"actor.ppo_mini_batch_size ({self.actor.ppo_mini_batch_size})"
+            )
+        if self.rollout.n < 1:
+            raise ValueError(f"rollout.n must be >= 1, got {self.rollout.n}")
+
+    @property
+    def use_reference_model(self) -> bool:
+        if self.ref.enabled == "auto":
+            return self.algorithm.kl_coef > 0
+        return self.ref.enabled == "true"
