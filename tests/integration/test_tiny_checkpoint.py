@@ -109,3 +109,24 @@ def test_vllm_cpu_generates_with_an_image_like_transformers(tiny_hf_dir, synthet
     hf_tokens = generated[0, inputs["input_ids"].shape[1]:].tolist()
     # Both stop at the first end-of-turn token (generation_config.json lists the same EOS ids to both).
     assert hf_tokens == vllm_out["token_ids"]
+
+
+def test_cli_writes_the_requested_architecture(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools/make_tiny_checkpoint.py"), "--out", str(out), "--seed", "3",
+         "--num-layers", "3", "--vision-depth", "3", "--fullatt-block-indexes", "0,2", "--tie-word-embeddings", "true"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["tie_word_embeddings"] is True
+    assert config["vision_config"]["depth"] == 3 and config["vision_config"]["fullatt_block_indexes"] == [0, 2]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["bytes"] > 0
+
+    bad = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools/make_tiny_checkpoint.py"), "--out", str(tmp_path / "bad"),
+         "--num-kv-heads", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2 and "num_kv_heads 3" in bad.stderr and not (tmp_path / "bad").exists()

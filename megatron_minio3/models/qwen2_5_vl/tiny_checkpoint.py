@@ -283,17 +283,6 @@ def released_tensor_name(name: str) -> str:
 
 def make_tiny_checkpoint(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, **arch_overrides) -> Path:
     """Write the checkpoint to ``out_dir`` (atomically: a temporary sibling is renamed when complete)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2TokenizerFast,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     unknown = set(arch_overrides) - set(TinyArch.__dataclass_fields__)
@@ -304,6 +293,17 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, size: str = "tiny", seed: i
             arch_overrides[key] = tuple(arch_overrides[key])
     arch = replace(SIZES[size], **arch_overrides)
     validate_arch(arch)
+
+    import torch  # heavy imports only once the arguments are known to be good
+    from safetensors.torch import save_file
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
