@@ -1,0 +1,195 @@
+"""Reward server: `python -m megatron_minio3.rewards.server [--config FILE] [--host H] [--port P]`.
+
+Runs a RewardManager behind HTTP for expensive verifiers (the LLM judge), so many trainer processes share
+one judge cache and one concurrency limit. The server's `reward` config decides verifiers, weights and
+the judge; the judge key stays in the server's environment.
+
+- GET /health -> {"status": "ok"} (no token needed)
+- POST /score {"inputs": [RewardInput...], "validation": bool, "step": int, "total_steps": int}
+  -> {"results": [RewardResult...]}; failed samples come back with "failed": true and an "error".
+Bound to 127.0.0.1 by default. When the environment variable named by --token-env is set, /score requires
+`Authorization: Bearer <token>`; binding to a non-loopback address without a token is refused.
+"""
+import argparse
+import dataclasses
+import hmac
+import ipaddress
+import logging
+import os
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from megatron_minio3.config.reward import RewardConfig
+from megatron_minio3.rewards.manager import RewardManager
+from megatron_minio3.rewards.types import RewardInput
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_ENV = "MINIO3_REWARD_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, "localhost")."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Check one YAML value against a field annotation (as written in config/reward.py) and build it."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return dataclass_from_mapping(annotation, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return {_convert(k, args[0], where): _convert(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), where)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
+        raise ValueError(f"{where} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def dataclass_from_mapping(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a YAML mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; known: {sorted(names)}")
+    return cls(**{key: _convert(value, hints[key], f"{where}.{key}") for key, value in data.items()})
+
+
+def load_reward_config(path: str | None) -> RewardConfig:
+    """The `reward` section of a YAML config file (or a file holding only that section); defaults if None."""
+    if path is None:
+        return RewardConfig()
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if isinstance(data, dict) and "reward" in data:
+        data = data["reward"]
+    return dataclass_from_mapping(RewardConfig, data, "reward")
+
+
+class InputModel(BaseModel):
+    """A RewardInput as JSON; strict types, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    uid: str
+    data_source: str
+    question: str
+    ground_truth: str
+    turns: list[str]
+    num_tool_calls: int = Field(default=0, ge=0)
+    num_tool_errors: int = Field(default=0, ge=0)
+    verifier: str | None = None
+
+
+class ScoreRequest(BaseModel):
+    """Body of POST /score."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    inputs: list[InputModel]
+    validation: bool
+    step: int = Field(default=0, ge=0)
+    total_steps: int = Field(default=1, ge=1)
+
+
+def build_app(cfg: RewardConfig, token: str):
+    """The FastAPI app scoring with `cfg`; `token` ("" = none) guards /score."""
+    cfg = dataclasses.replace(cfg, remote=dataclasses.replace(cfg.remote, urls=[]))  # this server scores itself
+    manager = RewardManager(cfg)
+
+    def require_token(request: Request) -> None:
+        if not token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    app = FastAPI(title="megatron_minio3 reward server")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/score", dependencies=[Depends(require_token)])
+    async def score(request: ScoreRequest):
+        inputs = [RewardInput(**item.model_dump()) for item in request.inputs]
+        try:
+            results = await manager.score(
+                inputs, validation=request.validation, step=request.step, total_steps=request.total_steps
+            )
+        except ValueError as exc:
+            return JSONResponse(status_code=400, content={"detail": str(exc)})
+        return {"results": [result.to_dict() for result in results]}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML file with a `reward:` section (or only that section)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8700)
+    parser.add_argument(
+        "--token-env", default=DEFAULT_TOKEN_ENV, help="NAME of the environment variable holding the bearer token"
+    )
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    token = os.environ.get(args.token_env, "") if args.token_env else ""
+    if not token and not is_loopback(args.host):
+        print(
+            f"refusing to serve on non-loopback address {args.host!r} without a bearer token: "
+            f"set the environment variable {args.token_env} (named by --token-env)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        app = build_app(load_reward_config(args.config), token)
+    except (ValueError, OSError) as exc:
+        print(f"reward server: bad configuration: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    logger.info("reward server on %s:%d (token %s)", args.host, args.port, "required" if token else "not required")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
