@@ -55,15 +55,8 @@ def build_model(pre_process: bool, post_process: bool):
     return model, config
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-
-    ctx = init_parallel(tp=args.tp, pp=args.pp, seed=7)
+def train(ctx, steps: int) -> tuple[list[float], list[float]]:
+    """Runs `steps` optimizer steps on the fixed batch; returns (losses on the last stage, grad norms)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model, config = build_model(ctx.is_first_stage, ctx.is_last_stage)
@@ -88,7 +81,7 @@ def main() -> None:
 
     losses, grad_norms = [], []
     forward_backward = get_forward_backward_func()
-    for _ in range(args.steps):
+    for _ in range(steps):
         optimizer.zero_grad()
         micro_batches = [
             (input_ids[i : i + MICRO], labels[i : i + MICRO], position_ids[i : i + MICRO])
@@ -107,7 +100,19 @@ def main() -> None:
         optimizer.step()
         if ctx.is_last_stage:
             losses.append(float(torch.stack([r["loss"] for r in reduced]).mean()))
+    return losses, grad_norms
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    ctx = init_parallel(tp=args.tp, pp=args.pp, seed=7)
+    losses, grad_norms = train(ctx, args.steps)
     if ctx.is_last_stage and ctx.tp_rank == 0:
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "grad_norms": grad_norms, "world_size": ctx.world_size}, f)
