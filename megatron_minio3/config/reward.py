@@ -1,7 +1,7 @@
 """Reward configuration (owned by the rewards package).
 
-The root config refers to this section as `reward: RewardConfig`. Only dataclasses and typing here:
-the rewards package validates the values (`megatron_minio3.rewards.manager.validate_reward_config`).
+The root config refers to this section as `reward: RewardConfig`. Only dataclasses and typing here;
+`validate()` hands over to the rewards package (`megatron_minio3.rewards.manager.validate_reward_config`).
 """
 from __future__ import annotations
 
@@ -86,3 +86,9 @@ class RewardConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     iou: IoUConfig = field(default_factory=IoUConfig)
     remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig)
+
+    def validate(self) -> None:
+        """Called by the config loader; the checks live with the rewards package (imported only here)."""
+        from megatron_minio3.rewards.manager import validate_reward_config
+
+        validate_reward_config(self)

@@ -1,4 +1,4 @@
-"""Reward server: `python -m megatron_minio3.rewards.server [--config FILE] [--host H] [--port P]`.
+"""Reward server: `python -m megatron_minio3.rewards.server [--config FILE] [key=value ...] [--host H] [--port P]`.
 
 Runs a RewardManager behind HTTP for expensive verifiers (the LLM judge), so many trainer processes share
 one judge cache and one concurrency limit. The server's `reward` config decides verifiers, weights and
@@ -17,14 +17,12 @@ import ipaddress
 import logging
 import os
 import sys
-import types
-import typing
-from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from megatron_minio3.config import load_config
 from megatron_minio3.config.reward import RewardConfig
 from megatron_minio3.rewards.manager import RewardManager
 from megatron_minio3.rewards.types import RewardInput
@@ -42,59 +40,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
-
-
-def _convert(value: Any, annotation: Any, where: str) -> Any:
-    """Check one YAML value against a field annotation (as written in config/reward.py) and build it."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
-        return dataclass_from_mapping(annotation, value, where)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
-        return {_convert(k, args[0], where): _convert(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _convert(value, next(a for a in args if a is not type(None)), where)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
-        raise ValueError(f"{where} must be {annotation.__name__}, got {value!r}")
-    return value
-
-
-def dataclass_from_mapping(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from a YAML mapping, rejecting unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; known: {sorted(names)}")
-    return cls(**{key: _convert(value, hints[key], f"{where}.{key}") for key, value in data.items()})
-
-
-def load_reward_config(path: str | None) -> RewardConfig:
-    """The `reward` section of a YAML config file (or a file holding only that section); defaults if None."""
-    if path is None:
-        return RewardConfig()
-    import yaml
-
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if isinstance(data, dict) and "reward" in data:
-        data = data["reward"]
-    return dataclass_from_mapping(RewardConfig, data, "reward")
 
 
 class InputModel(BaseModel):
@@ -160,7 +105,8 @@ def build_app(cfg: RewardConfig, token: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML file with a `reward:` section (or only that section)")
+    parser.add_argument("--config", help="the run's YAML config (its `reward:` section is used)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reward.judge.model=gpt-4o")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8700)
     parser.add_argument(
@@ -179,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        app = build_app(load_reward_config(args.config), token)
-    except (ValueError, OSError) as exc:
+        app = build_app(load_config(args.config, args.overrides).reward, token)
+    except ValueError as exc:  # ConfigError included
         print(f"reward server: bad configuration: {exc}", file=sys.stderr)
         return 2
 

@@ -47,7 +47,6 @@ def server(fake_judge: FakeJudge, tmp_path_factory: pytest.TempPathFactory):
             "judge": {
                 "base_url": fake_judge.base_url,
                 "api_key_env": JUDGE_KEY_ENV,
-                "max_retries": 1,
                 "backoff_initial_s": 0.01,
                 "timeout_s": 2,
             },
@@ -58,8 +57,8 @@ def server(fake_judge: FakeJudge, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     env = {**os.environ, TOKEN_ENV: TOKEN, JUDGE_KEY_ENV: "sk-server-side"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_minio3.rewards.server", "--config", str(path), "--port", str(port),
-         "--token-env", TOKEN_ENV, "--log-level", "warning"],
+        [sys.executable, "-m", "megatron_minio3.rewards.server", "--config", str(path), "reward.judge.max_retries=1",
+         "--port", str(port), "--token-env", TOKEN_ENV, "--log-level", "warning"],
         env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -207,9 +206,12 @@ def test_refuses_a_public_address_without_a_token() -> None:
     assert "refusing" in result.stderr and TOKEN_ENV in result.stderr
 
 
-def test_bad_config_file_is_refused_with_the_key(tmp_path: Path) -> None:
+def test_bad_config_is_refused_with_the_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"reward": {"judge": {"max_concurency": 8}}}))
     result = run_server_cli(["--config", str(path)], {})
     assert result.returncode == 2
-    assert "reward.judge" in result.stderr and "max_concurency" in result.stderr
+    assert "reward.judge.max_concurency" in result.stderr
+    result = run_server_cli(["reward.verifiers={vstar: multiple_choice}", "reward.default_verifier=mc"], {})
+    assert result.returncode == 2
+    assert "reward.verifiers['vstar'] = 'multiple_choice'" in result.stderr

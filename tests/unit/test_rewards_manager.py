@@ -211,3 +211,14 @@ def test_judge_config_checked_only_when_the_judge_is_used(monkeypatch: pytest.Mo
         RewardManager(rule_cfg(default_verifier="judge", judge=JudgeConfig(api_key_env="MINIO3_ABSENT_KEY")))
     with pytest.raises(ValueError, match="reward.remote.urls"):
         validate_reward_config(rule_cfg(remote=RemoteRewardConfig(urls=["localhost:8700"])))
+
+
+def test_the_config_loader_runs_the_reward_checks() -> None:
+    from megatron_minio3.config import load_config
+
+    cfg = load_config(None, ["reward.verifiers={vstar: mc}", "reward.iou.schedule=dynamic"])
+    assert cfg.reward.verifiers == {"vstar": "mc"} and cfg.reward.iou.schedule == "dynamic"
+    with pytest.raises(ValueError, match="reward.default_verifier = 'llm'"):
+        load_config(None, ["reward.default_verifier=llm"])
+    with pytest.raises(ValueError, match="reward.iou.dynamic_thresholds"):
+        load_config(None, ["reward.iou.schedule=dynamic", "reward.iou.dynamic_thresholds=[0.9]"])
