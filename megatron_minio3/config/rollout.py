@@ -1,16 +1,69 @@
-"""Rollout and evaluation configuration (owned by the rollout package)."""
+"""Rollout and evaluation configuration (owned by the rollout package).
+
+The root config refers to these sections as `rollout: RolloutConfig` and `eval: EvalConfig`. Only
+dataclasses here; the `validate()` methods (called by the config loader) use megatron_minio3.rollout.settings.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class RolloutConfig:
+    # Sampling (recipe: n=16, temperature 1.0, top_p 1.0).
     n: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = -1  # -1 = no top-k
+    # Multi-turn limits (recipe: 6 turns and 12 images in training).
+    max_turns: int = 6
+    max_images: int = 12  # images in a trajectory, the prompt's own images included
+    max_tokens_per_turn: int = 2048
+    # Whole trajectory (prompt + every turn); also the engine's max_model_len.
+    max_total_tokens: int = 32768
+    # An observation or error turn that would leave fewer than this many tokens of the budget is rolled
+    # back and the trajectory is marked `exceed` (recipe: 2000).
+    context_reserve_tokens: int = 2000
+    stop: list[str] = field(default_factory=lambda: ["</grounding>"])
+    # Box values are fractions of the raw source image (recipe default); False = pixels of the resized copy.
+    relative_coordinates: bool = True
+    # vLLM engine.
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.6
+    # KV cache size in MiB; 0 = derive it from gpu_memory_utilization. On CPU set it (e.g. 1024): vLLM CPU
+    # counts the whole process's memory against gpu_memory_utilization * host RAM otherwise.
+    kv_cache_memory_mb: int = 0
+    seed: int = 0
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    # Log-probs after temperature/top-p, i.e. of the distribution the tokens were sampled from.
+    logprobs_mode: str = "processed_logprobs"
+    enable_sleep_mode: bool = False  # free GPU memory between rollout phases (CUDA only)
+    num_engines: int = 1  # engines per rollout process; trajectories are spread over them
+    weight_bucket_mb: int = 512  # update_weights sends tensors to the engine in buckets of about this size
+
+    def validate(self) -> None:
+        """Called by the config loader; the checks live with the rollout package (imported only here)."""
+        from megatron_minio3.rollout.settings import validate_rollout_config
+
+        validate_rollout_config(self)
 
 
 @dataclass
 class EvalConfig:
-    k: int = 32
+    k: int = 32  # samples per question; k=1 decodes greedily
+    temperature: float = 1.0  # used when k > 1
+    top_p: float = 1.0
+    max_turns: int = 12  # recipe: 12 turns and 12 images at evaluation
+    max_images: int = 12
+    max_prompts: int = 0  # evaluate only the first max_prompts questions of each file (0 = all)
+    num_prompts_per_batch: int = 64  # questions whose k rollouts run at once
+    output_dir: str = "outputs/eval"
+    save_trajectories: bool = True  # trajectories.jsonl plus every image (raw and model-side crops)
+
+    def validate(self) -> None:
+        from megatron_minio3.rollout.settings import validate_eval_config
+
+        validate_eval_config(self)
