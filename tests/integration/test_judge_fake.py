@@ -76,6 +76,13 @@ class FakeJudge:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def reset(self, script: Script) -> None:
+        """New script and fresh counters, once handlers left over from earlier tests (replies the
+        client gave up on) have finished: they would otherwise count as in flight."""
+        deadline = time.monotonic() + 10
+        while self.in_flight:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fake judge: {self.in_flight} requests still in flight")
+            time.sleep(0.01)
         self.script = script
         self.bodies.clear()
         self.auth_headers.clear()
