@@ -1,6 +1,7 @@
 """The reward server as a real process over HTTP: auth, payload errors, judge failures, the spreading client."""
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import socket
@@ -14,7 +15,9 @@ import pytest
 import yaml
 
 from megatron_minio3.config.reward import RemoteRewardConfig, RewardConfig
+from megatron_minio3.rewards.client import RemoteRewardClient
 from megatron_minio3.rewards.manager import RewardManager
+from megatron_minio3.rewards.server import is_loopback
 from megatron_minio3.rewards.types import RewardInput
 from tests.integration.test_judge_fake import FakeJudge, Reply, fake_judge  # noqa: F401  (fixture)
 
@@ -182,6 +185,7 @@ def test_client_spreads_over_servers_and_fails_the_unreachable_one(
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = RewardConfig(remote=RemoteRewardConfig(urls=[server, dead], token_env=TOKEN_ENV, timeout_s=30))
     manager = RewardManager(cfg)
+    assert asyncio.run(RemoteRewardClient(cfg.remote).health()) == {server: True, dead: False}
     inputs = [
         RewardInput(str(i), "vstar", "Which?", "B", [f"<think>t</think><answer>{'B' if i % 2 else 'A'}</answer>"])
         for i in range(6)
@@ -215,3 +219,8 @@ def test_bad_config_is_refused_with_the_key(tmp_path: Path) -> None:
     result = run_server_cli(["reward.verifiers={vstar: multiple_choice}", "reward.default_verifier=mc"], {})
     assert result.returncode == 2
     assert "reward.verifiers['vstar'] = 'multiple_choice'" in result.stderr
+
+
+def test_is_loopback() -> None:
+    assert all(is_loopback(h) for h in ["127.0.0.1", "127.8.0.1", "::1", "localhost"])
+    assert not any(is_loopback(h) for h in ["0.0.0.0", "::", "10.0.0.5", "example.com", "my-host"])

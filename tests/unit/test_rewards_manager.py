@@ -222,3 +222,12 @@ def test_the_config_loader_runs_the_reward_checks() -> None:
         load_config(None, ["reward.default_verifier=llm"])
     with pytest.raises(ValueError, match="reward.iou.dynamic_thresholds"):
         load_config(None, ["reward.iou.schedule=dynamic", "reward.iou.dynamic_thresholds=[0.9]"])
+
+
+def test_split_evenly() -> None:
+    from megatron_minio3.rewards.client import split_evenly
+
+    assert split_evenly(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert split_evenly(2, 4) == [(0, 1), (1, 2)]  # no empty chunks
+    assert split_evenly(0, 3) == []
+    assert split_evenly(5, 1) == [(0, 5)]
