@@ -1,0 +1,82 @@
+"""HF safetensors -> Megatron distributed checkpoint, run by every rank of a TP x PP torchrun job.
+
+Each rank builds only its own stage and tensor-parallel shard of the model (no random initialisation) and
+fills every parameter from the exact rows/columns it needs (safetensors slices), so the memory of a
+process is about its shard. The checkpoint written from any TP/PP loads at any other TP/PP.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state as mpu
+
+from megatron_minio3.convert.megatron_checkpoint import (
+    CheckpointMetadata,
+    global_named_parameters,
+    save_megatron_checkpoint,
+)
+from megatron_minio3.convert.qwen2_5_vl import HfNaming, detect_naming, parameter_rule, validate_hf_tensors
+from megatron_minio3.convert.safetensors_io import SafetensorsReader
+from megatron_minio3.convert.tp import chunk_bounds
+from megatron_minio3.models.qwen2_5_vl.config import load_hf_config
+from megatron_minio3.models.qwen2_5_vl.model import ModelOptions, build_model
+
+
+def load_hf_weights_into_model(model: torch.nn.Module, reader: SafetensorsReader, naming: HfNaming) -> None:
+    """Copies this rank's shard of every parameter from the HF tensors (reading only the needed slices)."""
+    cfg = model.model_cfg
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    tp_size = mpu.get_tensor_model_parallel_world_size()
+    hf_shapes = reader.shapes()
+    with torch.no_grad():
+        for name, param in global_named_parameters(model):
+            rule = parameter_rule(name, cfg, naming)
+            chunks = []
+            for hf_name in rule.hf_names:
+                if rule.tp_dim is None:
+                    chunks.append(reader.read(hf_name))
+                else:
+                    start, stop = chunk_bounds(hf_shapes[hf_name][rule.tp_dim], tp_rank, tp_size, hf_name)
+                    chunks.append(reader.read_chunk(hf_name, rule.tp_dim, start, stop))
+            shard = rule.layout.from_parts(chunks)
+            assert shard.shape == param.shape, f"{name}: shard {tuple(shard.shape)} vs parameter {tuple(param.shape)}"
+            param.copy_(shard)
+
+
+def checkpoint_dtype(reader: SafetensorsReader) -> torch.dtype:
+    """The dtype most HF tensors have (norm weights are sometimes stored wider)."""
+    counts = Counter(reader.dtype(name) for name in reader.names())
+    return counts.most_common(1)[0][0]
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    params_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> CheckpointMetadata:
+    """Collective: call on every rank after init_parallel(tp, pp) with world size tp * pp."""
+    hf_dir = Path(hf_dir)
+    cfg = load_hf_config(hf_dir)
+    with SafetensorsReader(hf_dir) as reader:
+        naming = detect_naming(reader.names(), where=str(hf_dir))
+        validate_hf_tensors(reader.shapes(), cfg, naming, where=str(hf_dir))
+        options = ModelOptions(
+            params_dtype=params_dtype or checkpoint_dtype(reader),
+            use_te=False,  # the checkpoint keys do not depend on the layer spec
+            use_cpu_initialization=True,
+            perform_initialization=False,
+        )
+        model = build_model(cfg, options)
+        load_hf_weights_into_model(model, reader, naming)
+        metadata = CheckpointMetadata(
+            model_config=cfg,
+            hf_naming=naming.name,
+            hf_dtypes={name: str(reader.dtype(name)).removeprefix("torch.") for name in reader.names()},
+        )
+    save_megatron_checkpoint(model, out_dir, metadata, overwrite=overwrite)
+    return metadata
