@@ -1,0 +1,104 @@
+"""Mini-o3 JSON datasets: a list of {"images": [relpath], "doc_id", "problem", "solution", "data_source"} rows.
+
+Image paths are relative to a base image directory (the JSON file's folder when none is given). Rows may
+carry an optional "verifier" name that overrides the data_source -> verifier mapping of the reward stage.
+Images are not opened here: the rollout loads them, so a missing or corrupt file skips one sample only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGE_MARKER = "<image>"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One question of a dataset, as the rollout sees it."""
+
+    uid: str  # unique within a dataset: "<file stem>/<doc_id>"
+    image_paths: tuple[str, ...]  # resolved paths of the prompt's images, in order
+    question: str  # the row's problem text, `<image>` markers included
+    answer: str  # ground truth ("solution")
+    data_source: str
+    verifier: str | None = None
+
+
+def _required_str(row: dict[str, Any], key: str, where: str) -> str:
+    if key not in row:
+        raise ValueError(f"{where}: missing key {key!r}")
+    value = row[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("solution", "doc_id"):
+        return str(value)  # numeric answers and ids are common in benchmark files
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: key {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_minio3_json(path: str | Path, image_dir: str | Path | None = None) -> list[Prompt]:
+    """Read one Mini-o3 JSON file. Raises ValueError naming the file, row and key at fault."""
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: dataset file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    base = Path(image_dir) if image_dir else path.parent
+    stem = path.stem
+    prompts: list[Prompt] = []
+    seen_uids: set[str] = set()
+    for index, row in enumerate(rows):
+        where = f"{path} row {index}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+        images = row.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
+            raise ValueError(f"{where}: key 'images' must be a list of relative paths")
+        problem = _required_str(row, "problem", where)
+        solution = _required_str(row, "solution", where)
+        data_source = _required_str(row, "data_source", where)
+        doc_id = _required_str(row, "doc_id", where) if "doc_id" in row else str(index)
+        verifier = row.get("verifier")
+        if verifier is not None and not isinstance(verifier, str):
+            raise ValueError(f"{where}: key 'verifier' must be a string")
+        num_markers = problem.count(IMAGE_MARKER)
+        if num_markers not in (0, len(images)):
+            raise ValueError(
+                f"{where}: 'problem' has {num_markers} {IMAGE_MARKER} markers but the row has {len(images)} images"
+            )
+        uid = f"{stem}/{doc_id}"
+        if uid in seen_uids:
+            raise ValueError(f"{where}: doc_id {doc_id!r} appears twice in the file")
+        seen_uids.add(uid)
+        prompts.append(
+            Prompt(
+                uid=uid,
+                image_paths=tuple(str(base / item) for item in images),
+                question=problem,
+                answer=solution,
+                data_source=data_source,
+                verifier=verifier,
+            )
+        )
+    return prompts
+
+
+def read_datasets(files: list[str], image_dir: str = "", max_prompts_per_file: int = 0) -> list[Prompt]:
+    """Read several Mini-o3 JSON files in order; max_prompts_per_file > 0 keeps the first rows of each."""
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for file in files:
+        rows = read_minio3_json(file, image_dir or None)
+        if max_prompts_per_file > 0:
+            rows = rows[:max_prompts_per_file]
+        for prompt in rows:
+            if prompt.uid in seen:
+                raise ValueError(f"{file}: uid {prompt.uid!r} also appears in an earlier file (same file name?)")
+            seen.add(prompt.uid)
+        prompts.extend(rows)
+    return prompts

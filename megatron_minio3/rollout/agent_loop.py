@@ -1,0 +1,461 @@
+"""The multi-turn crop-tool loop: many trajectories at once over one or more generation engines.
+
+Each trajectory is its own chain of requests: the moment its tool result is ready, its next turn is
+submitted, so an engine never waits for the slowest trajectory of a turn (`turn_synchronous=True` runs the
+same steps in lock-step instead; it exists for comparison in tools/bench/rollout.py).
+
+Per turn (recipe): generate until `</grounding>` or end of turn; no tool call -> the trajectory ends
+(`void` when it hit the length limit or does not end with `<answer>...</answer>`); a tool call on the last
+allowed turn or with the image limit reached -> `exceed`, end; otherwise the call is executed and its
+observation (or the error message) is appended as a user turn in tokens. A user turn that would leave
+less than `context_reserve_tokens` of the budget is rolled back and the trajectory ends as `exceed`.
+A prompt whose image is missing, corrupt or unusable is skipped with a warning and counted.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from PIL import Image
+
+from megatron_minio3.config.data import DataConfig
+from megatron_minio3.config.rollout import EvalConfig, RolloutConfig
+from megatron_minio3.data.images import ImageLoadError, load_image, resample_from_name
+from megatron_minio3.data.minio3_json import Prompt
+from megatron_minio3.rollout.crop_tool import (
+    ToolCallError,
+    has_tool_call,
+    image_grid_thw,
+    locate_crop,
+    num_image_tokens,
+    parse_grounding,
+    resize_for_model,
+    resize_for_processor,
+)
+from megatron_minio3.rollout.tokens import TurnTokenizer, VisionSpec, expand_image_pads
+from megatron_minio3.rollout.trajectory import Trajectory, TrajectoryImage, TurnRecord, ends_with_answer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]  # one `<|image_pad|>` per image; the engine expands them
+    images: list[Image.Image]  # model-side images, in order
+    max_tokens: int
+    sampling: SamplingSettings
+    stop: tuple[str, ...]
+    # Never to be generated: a generated image/video pad token would be taken for an image placeholder.
+    banned_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]  # generated ids, stop string / end-of-turn token included
+    logprobs: list[float]  # log-prob of each generated id
+    text: str  # decoded with special tokens skipped, cut after the stop string
+    finish_reason: str  # "stop" or "length"
+    prompt_token_ids: list[int]  # the prompt as the engine saw it, image pads expanded
+
+
+class GenerationEngine(Protocol):
+    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+@dataclass(frozen=True)
+class LoopLimits:
+    max_turns: int
+    max_images: int
+    max_tokens_per_turn: int
+    max_total_tokens: int
+    context_reserve_tokens: int
+    stop: tuple[str, ...]
+    relative_coordinates: bool
+
+    @classmethod
+    def for_training(cls, cfg: RolloutConfig) -> LoopLimits:
+        return cls(
+            max_turns=cfg.max_turns,
+            max_images=cfg.max_images,
+            max_tokens_per_turn=cfg.max_tokens_per_turn,
+            max_total_tokens=cfg.max_total_tokens,
+            context_reserve_tokens=cfg.context_reserve_tokens,
+            stop=tuple(cfg.stop),
+            relative_coordinates=cfg.relative_coordinates,
+        )
+
+    @classmethod
+    def for_evaluation(cls, cfg: RolloutConfig, eval_cfg: EvalConfig) -> LoopLimits:
+        train = cls.for_training(cfg)
+        return LoopLimits(**{**train.__dict__, "max_turns": eval_cfg.max_turns, "max_images": eval_cfg.max_images})
+
+
+@dataclass(frozen=True)
+class SkippedPrompt:
+    uid: str
+    reason: str  # image_error | image_too_extreme | too_many_images | prompt_too_long
+    detail: str
+
+
+@dataclass
+class RolloutBatch:
+    trajectories: list[Trajectory]
+    skipped: list[SkippedPrompt]
+    wall_s: float
+
+    def metrics(self) -> dict[str, float]:
+        """Batch-level rollout metrics (means over trajectories, counts, throughput)."""
+        trajs = self.trajectories
+        count = max(len(trajs), 1)
+        num_generated = sum(traj.num_generated_tokens for traj in trajs)
+        metrics = {
+            "rollout/num_trajectories": float(len(trajs)),
+            "rollout/num_skipped_prompts": float(len(self.skipped)),
+            "rollout/num_turns_mean": sum(t.num_turns for t in trajs) / count,
+            "rollout/num_tool_calls_mean": sum(t.num_tool_calls for t in trajs) / count,
+            "rollout/num_tool_errors_mean": sum(t.num_tool_errors for t in trajs) / count,
+            "rollout/exceed_rate": sum(t.exceed for t in trajs) / count,
+            "rollout/void_rate": sum(t.void for t in trajs) / count,
+            "rollout/truncated_rate": sum(t.truncated for t in trajs) / count,
+            "rollout/generated_tokens_mean": num_generated / count,
+            "rollout/sequence_length_mean": sum(len(t.token_ids) for t in trajs) / count,
+            "rollout/wall_s": self.wall_s,
+            "rollout/generated_tokens_per_s": num_generated / self.wall_s if self.wall_s > 0 else 0.0,
+        }
+        for reason, number in Counter(s.reason for s in self.skipped).items():
+            metrics[f"rollout/skipped_{reason}"] = float(number)
+        return metrics
+
+
+@dataclass
+class _PreparedPrompt:
+    prompt: Prompt
+    images: list[TrajectoryImage]
+    compact_ids: list[int]
+    expanded_ids: list[int]
+
+
+class _SkipPrompt(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class _TrajectoryState:
+    """A trajectory under construction; `request()` and `consume()` alternate until `done`."""
+
+    loop: AgentLoop
+    prepared: _PreparedPrompt
+    sample_index: int
+    compact_ids: list[int] = field(init=False)
+    token_ids: list[int] = field(init=False)
+    loss_mask: list[int] = field(init=False)
+    logprobs: list[float] = field(init=False)
+    images: list[TrajectoryImage] = field(init=False)
+    turns: list[TurnRecord] = field(default_factory=list)
+    turn_texts: list[str] = field(default_factory=list)
+    done: bool = False
+    exceed: bool = False
+    void: bool = False
+    truncated: bool = False
+    end_reason: str = ""
+    started_at: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.compact_ids = list(self.prepared.compact_ids)
+        self.token_ids = list(self.prepared.expanded_ids)
+        self.loss_mask = [0] * len(self.token_ids)
+        self.logprobs = [0.0] * len(self.token_ids)
+        self.images = list(self.prepared.images)
+
+    def request(self) -> GenerationRequest:
+        limits = self.loop.limits
+        budget = limits.max_total_tokens - len(self.token_ids)
+        assert budget > 0, "the context budget is checked before a turn is appended"
+        return GenerationRequest(
+            request_id=f"{self.prepared.prompt.uid}#{self.sample_index}#t{len(self.turns)}#{next(self.loop.request_counter)}",
+            prompt_token_ids=list(self.compact_ids),
+            images=[image.model for image in self.images],
+            max_tokens=min(limits.max_tokens_per_turn, budget),
+            sampling=self.loop.sampling,
+            stop=limits.stop,
+            banned_token_ids=self.loop.turns.placeholder_ids,
+        )
+
+    def consume(self, result: GenerationResult, generate_s: float) -> None:
+        if result.prompt_token_ids != self.token_ids:
+            raise RuntimeError(
+                f"{self.prepared.prompt.uid}: the engine expanded the prompt to {len(result.prompt_token_ids)} "
+                f"tokens, the record has {len(self.token_ids)}; do the rollout's image settings match the "
+                "checkpoint's image processor?"
+            )
+        if len(result.logprobs) != len(result.token_ids):
+            raise RuntimeError(f"engine returned {len(result.logprobs)} log-probs for {len(result.token_ids)} tokens")
+        if set(result.token_ids) & set(self.loop.turns.placeholder_ids):
+            raise RuntimeError("the engine generated an image/video placeholder token despite the ban")
+        limits = self.loop.limits
+        turn_index = len(self.turns)
+        self.compact_ids += result.token_ids
+        self.token_ids += result.token_ids
+        self.loss_mask += [1] * len(result.token_ids)
+        self.logprobs += result.logprobs
+        self.turn_texts.append(result.text)
+        turn = TurnRecord(
+            num_generated_tokens=len(result.token_ids),
+            finish_reason=result.finish_reason,
+            tool_call=has_tool_call(result.text),
+            generate_s=generate_s,
+        )
+        self.turns.append(turn)
+        if not turn.tool_call:
+            self._finish_without_call(result)
+            return
+        if turn_index >= limits.max_turns - 1:
+            self._finish_exceeded("max_turns")
+            return
+        if len(self.images) >= limits.max_images:
+            self._finish_exceeded("max_images")
+            return
+        tool_started = time.perf_counter()
+        new_image, compact_turn = self._run_tool(result.text, turn)
+        counts = [] if new_image is None else [num_image_tokens(new_image.grid_thw, self.loop.vision.merge_size)]
+        expanded_turn = expand_image_pads(compact_turn, counts, self.loop.turns.image_pad_id)
+        turn.tool_s = time.perf_counter() - tool_started
+        if len(self.token_ids) + len(expanded_turn) > limits.max_total_tokens - limits.context_reserve_tokens:
+            self._finish_exceeded("context")  # roll back: the observation is not appended
+            return
+        turn.num_appended_tokens = len(expanded_turn)
+        if new_image is not None:
+            self.images.append(new_image)
+        self.compact_ids += compact_turn
+        self.token_ids += expanded_turn
+        self.loss_mask += [0] * len(expanded_turn)
+        self.logprobs += [0.0] * len(expanded_turn)
+
+    def _run_tool(self, text: str, turn: TurnRecord) -> tuple[TrajectoryImage | None, list[int]]:
+        """Execute the call: (the new image, the observation turn) or (None, an error turn)."""
+        loop = self.loop
+        try:
+            index, box = locate_crop(
+                [image.raw.size for image in self.images],
+                parse_grounding(text),
+                relative=loop.limits.relative_coordinates,
+                model_sizes=[image.model.size for image in self.images],
+            )
+            raw = self.images[index].raw.crop(box)
+            model = loop.model_image(raw, loop.crop_resample)
+        except ToolCallError as exc:
+            turn.tool_error = str(exc)
+            return None, loop.turns.error_ids(turn.tool_error)
+        new_image = TrajectoryImage(
+            raw=raw,
+            model=model,
+            grid_thw=image_grid_thw(model.size, loop.vision.patch_size),
+            origin="crop",
+            source_index=index,
+            box=box,
+        )
+        observation_index = len(self.images)
+        return new_image, loop.turns.observation_ids(action=observation_index - 1, observation=observation_index)
+
+    def _finish_without_call(self, result: GenerationResult) -> None:
+        self.done = True
+        self.truncated = result.finish_reason == "length"
+        self.void = self.truncated or not ends_with_answer(result.text)
+        self.end_reason = "length" if self.truncated else ("no_answer" if self.void else "answer")
+
+    def _finish_exceeded(self, reason: str) -> None:
+        self.done = True
+        self.exceed = True
+        self.end_reason = reason
+
+    def attention_length(self) -> int:
+        if not self.truncated:
+            return len(self.token_ids)
+        im_end = self.loop.turns.im_end_id
+        prompt_length = len(self.prepared.expanded_ids)
+        for position in range(len(self.token_ids) - 1, prompt_length - 1, -1):
+            if self.token_ids[position] == im_end:
+                return position + 1
+        return prompt_length
+
+    def to_trajectory(self) -> Trajectory:
+        prompt = self.prepared.prompt
+        generate_s = sum(turn.generate_s for turn in self.turns)
+        tool_s = sum(turn.tool_s for turn in self.turns)
+        total_s = time.perf_counter() - self.started_at
+        return Trajectory(
+            uid=prompt.uid,
+            sample_index=self.sample_index,
+            data_source=prompt.data_source,
+            question=prompt.question,
+            ground_truth=prompt.answer,
+            verifier=prompt.verifier,
+            prompt_length=len(self.prepared.expanded_ids),
+            token_ids=self.token_ids,
+            loss_mask=self.loss_mask,
+            rollout_logprobs=self.logprobs,
+            attention_length=self.attention_length(),
+            images=self.images,
+            turns=self.turns,
+            turn_texts=self.turn_texts,
+            exceed=self.exceed,
+            void=self.void,
+            truncated=self.truncated,
+            end_reason=self.end_reason,
+            total_s=total_s,
+            timings={"generate_s": generate_s, "tool_s": tool_s, "wait_s": max(total_s - generate_s - tool_s, 0.0)},
+        )
+
+
+class AgentLoop:
+    """Runs the crop-tool loop for a batch of prompts x samples over `engines`."""
+
+    def __init__(
+        self,
+        engines: Sequence[GenerationEngine],
+        turns: TurnTokenizer,
+        vision: VisionSpec,
+        data_cfg: DataConfig,
+        limits: LoopLimits,
+        sampling: SamplingSettings,
+    ):
+        if not engines:
+            raise ValueError("AgentLoop needs at least one engine")
+        self.engines = list(engines)
+        self.turns = turns
+        self.vision = vision
+        self.data_cfg = data_cfg
+        self.limits = limits
+        self.sampling = sampling
+        self.image_resample = resample_from_name(data_cfg.image_resample, "data.image_resample")
+        self.crop_resample = resample_from_name(data_cfg.crop_resample, "data.crop_resample")
+        self.request_counter = itertools.count()
+        self._active_per_engine = [0] * len(self.engines)
+
+    @classmethod
+    def from_config(
+        cls,
+        engines: Sequence[GenerationEngine],
+        tokenizer: object,
+        vision: VisionSpec,
+        rollout_cfg: RolloutConfig,
+        data_cfg: DataConfig,
+        eval_cfg: EvalConfig | None = None,
+    ) -> AgentLoop:
+        """Training settings from `rollout_cfg`; evaluation settings (turn/image limits, sampling, greedy when
+        k == 1) when `eval_cfg` is given."""
+        if eval_cfg is None:
+            limits = LoopLimits.for_training(rollout_cfg)
+            sampling = SamplingSettings(rollout_cfg.temperature, rollout_cfg.top_p, rollout_cfg.top_k)
+        else:
+            limits = LoopLimits.for_evaluation(rollout_cfg, eval_cfg)
+            greedy = eval_cfg.k == 1
+            sampling = SamplingSettings(0.0 if greedy else eval_cfg.temperature, 1.0 if greedy else eval_cfg.top_p)
+        return cls(engines, TurnTokenizer(tokenizer, data_cfg), vision, data_cfg, limits, sampling)
+
+    def model_image(self, image: Image.Image, resample: Image.Resampling) -> Image.Image:
+        """Mini-o3's resize, then the processor's own resize, so the engine keeps the image as it is."""
+        scaled = resize_for_model(image, self.data_cfg.min_pixels, self.data_cfg.max_pixels, resample)
+        return resize_for_processor(scaled, self.vision.min_pixels, self.vision.max_pixels)
+
+    def _prepare(self, prompt: Prompt) -> _PreparedPrompt:
+        if len(prompt.image_paths) > self.limits.max_images:
+            raise _SkipPrompt("too_many_images", f"{len(prompt.image_paths)} images, the limit is {self.limits.max_images}")
+        images = []
+        for path in prompt.image_paths:
+            try:
+                raw = load_image(path)
+            except ImageLoadError as exc:
+                raise _SkipPrompt("image_error", str(exc)) from None
+            try:
+                model = self.model_image(raw, self.image_resample)
+            except ValueError as exc:  # aspect ratio beyond what the processor accepts
+                raise _SkipPrompt("image_too_extreme", f"{path}: {exc}") from None
+            images.append(
+                TrajectoryImage(
+                    raw=raw, model=model, grid_thw=image_grid_thw(model.size, self.vision.patch_size),
+                    origin="prompt", path=path,
+                )
+            )
+        compact = self.turns.prompt_ids(prompt.question, len(images))
+        counts = [num_image_tokens(image.grid_thw, self.vision.merge_size) for image in images]
+        expanded = expand_image_pads(compact, counts, self.turns.image_pad_id)
+        room = self.limits.max_total_tokens - self.limits.context_reserve_tokens
+        if len(expanded) > room:
+            raise _SkipPrompt("prompt_too_long", f"{len(expanded)} prompt tokens, the budget leaves {room}")
+        return _PreparedPrompt(prompt=prompt, images=images, compact_ids=compact, expanded_ids=expanded)
+
+    async def _prepare_or_skip(self, prompt: Prompt, skipped: list[SkippedPrompt]) -> _PreparedPrompt | None:
+        try:
+            return await asyncio.to_thread(self._prepare, prompt)
+        except _SkipPrompt as exc:
+            logger.warning("skipping prompt %s (%s): %s", prompt.uid, exc.reason, exc.detail)
+            skipped.append(SkippedPrompt(prompt.uid, exc.reason, exc.detail))
+            return None
+
+    def _pick_engine(self) -> int:
+        return min(range(len(self.engines)), key=self._active_per_engine.__getitem__)
+
+    async def _run_chain(self, state: _TrajectoryState) -> Trajectory:
+        engine_index = self._pick_engine()
+        self._active_per_engine[engine_index] += 1
+        try:
+            engine = self.engines[engine_index]
+            while not state.done:
+                submitted = time.perf_counter()
+                result = await engine.generate(state.request())
+                state.consume(result, time.perf_counter() - submitted)
+        finally:
+            self._active_per_engine[engine_index] -= 1
+        return state.to_trajectory()
+
+    async def _run_prompt(self, prompt: Prompt, num_samples: int, skipped: list[SkippedPrompt]) -> list[Trajectory]:
+        prepared = await self._prepare_or_skip(prompt, skipped)
+        if prepared is None:
+            return []
+        states = [_TrajectoryState(self, prepared, index) for index in range(num_samples)]
+        return list(await asyncio.gather(*(self._run_chain(state) for state in states)))
+
+    async def _run_lock_step(self, prompts: Sequence[Prompt], num_samples: int, skipped: list[SkippedPrompt]) -> list[Trajectory]:
+        prepared = await asyncio.gather(*(self._prepare_or_skip(prompt, skipped) for prompt in prompts))
+        states = [_TrajectoryState(self, p, i) for p in prepared if p is not None for i in range(num_samples)]
+        engine_of = {id(state): index % len(self.engines) for index, state in enumerate(states)}
+        active = list(states)
+        while active:
+            started = time.perf_counter()
+            requests = [(self.engines[engine_of[id(state)]], state.request()) for state in active]
+            results = await asyncio.gather(*(engine.generate(request) for engine, request in requests))
+            elapsed = time.perf_counter() - started
+            for state, result in zip(active, results):
+                state.consume(result, elapsed)
+            active = [state for state in active if not state.done]
+        return [state.to_trajectory() for state in states]
+
+    async def run(self, prompts: Sequence[Prompt], num_samples: int, *, turn_synchronous: bool = False) -> RolloutBatch:
+        """Roll out `num_samples` trajectories per prompt; results are grouped by prompt, in prompt order."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        started = time.perf_counter()
+        skipped: list[SkippedPrompt] = []
+        if turn_synchronous:
+            trajectories = await self._run_lock_step(prompts, num_samples, skipped)
+        else:
+            groups = await asyncio.gather(*(self._run_prompt(p, num_samples, skipped) for p in prompts))
+            trajectories = [traj for group in groups for traj in group]
+        return RolloutBatch(trajectories=trajectories, skipped=skipped, wall_s=time.perf_counter() - started)

@@ -1,0 +1,274 @@
+"""An in-process vLLM engine driven by its own thread, awaitable from asyncio, with in-place weight updates.
+
+vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here before vLLM is imported) so that
+`update_weights` can hand tensors to the model's `reload_weights` directly. One thread owns the engine: it
+adds requests as they arrive, steps the engine while any request is unfinished, and resolves each
+request's future the moment it finishes. `generate` is therefore fully asynchronous, the same contract as
+vLLM's AsyncLLM: a trajectory's next turn can be submitted while other requests are still decoding.
+Scripts that create an engine need an `if __name__ == "__main__":` guard (vLLM may spawn processes).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from megatron_minio3.config.rollout import RolloutConfig
+from megatron_minio3.rollout.agent_loop import GenerationRequest, GenerationResult
+from megatron_minio3.rollout.tokens import VisionSpec, load_vision_spec
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+def engine_args_from_config(cfg: RolloutConfig, model_path: str, max_images: int) -> dict[str, Any]:
+    """Keyword arguments of vllm.EngineArgs for this rollout configuration."""
+    args: dict[str, Any] = {
+        "model": model_path,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "dtype": cfg.dtype,
+        "max_model_len": cfg.max_total_tokens,
+        "limit_mm_per_prompt": {"image": max_images, "video": 0},
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "seed": cfg.seed,
+        "enforce_eager": cfg.enforce_eager,
+        "enable_prefix_caching": cfg.enable_prefix_caching,
+        "max_num_seqs": cfg.max_num_seqs,
+        "logprobs_mode": cfg.logprobs_mode,
+        "enable_sleep_mode": cfg.enable_sleep_mode,
+        "disable_log_stats": True,
+    }
+    if cfg.kv_cache_memory_mb > 0:
+        args["kv_cache_memory_bytes"] = cfg.kv_cache_memory_mb << 20
+    if cfg.tensor_parallel_size == 1:
+        args["distributed_executor_backend"] = "uni"  # keep the model in this process
+    return args
+
+
+class VllmEngine:
+    """One vLLM engine for the agent loop (implements agent_loop.GenerationEngine)."""
+
+    def __init__(self, cfg: RolloutConfig, model_path: str | Path, *, max_images: int | None = None):
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ValueError(
+                "VLLM_ENABLE_V1_MULTIPROCESSING is set to a non-zero value; the rollout engine runs vLLM in "
+                "process (in-place weight updates need it): unset it or set it to 0"
+            )
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not Path(model_path, "config.json").is_file():
+            raise ValueError(f"rollout model path {model_path}: no config.json there (not an HF checkpoint)")
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.vision: VisionSpec = load_vision_spec(model_path)
+        self._engine_args = engine_args_from_config(cfg, self.model_path, max_images or cfg.max_images)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: dict[str, _Pending] = {}
+        self._failure: BaseException | None = None
+        self._updating = False
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._serve, args=(started,), name="vllm-engine", daemon=True)
+        self._thread.start()
+        self._engine = started.result()  # re-raises a start-up failure here
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _serve(self, started: concurrent.futures.Future) -> None:
+        try:
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+
+            engine = LLMEngine.from_engine_args(EngineArgs(**self._engine_args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor, which re-raises it
+            started.set_exception(exc)
+            return
+        started.set_result(engine)
+        while True:
+            busy = engine.has_unfinished_requests()
+            try:
+                command = self._commands.get_nowait() if busy else self._commands.get()
+            except queue.Empty:
+                command = None
+            if command is _STOP:
+                engine.engine_core.shutdown()
+                return
+            if command is not None:
+                command()
+                continue  # drain every queued command before the next step
+            try:
+                outputs = engine.step()
+            except BaseException as exc:  # noqa: BLE001 - every waiter gets the error
+                self._fail_all(exc)
+                return
+            for output in outputs:
+                if output.finished:
+                    self._resolve(output.request_id, result=self._to_result(output))
+
+    def _resolve(self, request_id: str, *, result: Any = None, error: BaseException | None = None) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return
+
+        def deliver() -> None:
+            if pending.future.done():
+                return
+            if error is not None:
+                pending.future.set_exception(error)
+            else:
+                pending.future.set_result(result)
+
+        pending.loop.call_soon_threadsafe(deliver)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._failure = exc
+        for request_id in list(self._pending):
+            self._resolve(request_id, error=RuntimeError(f"vLLM engine failed: {exc!r}"))
+
+    @staticmethod
+    def _to_result(output: Any) -> GenerationResult:
+        completion = output.outputs[0]
+        logprobs = [entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs)]
+        return GenerationResult(
+            token_ids=list(completion.token_ids),
+            logprobs=logprobs,
+            text=completion.text,
+            finish_reason=str(completion.finish_reason),
+            prompt_token_ids=list(output.prompt_token_ids),
+        )
+
+    def _call(self, function: Callable[[Any], Any]) -> Any:
+        """Run function(engine) on the engine thread and return its result (from any other thread)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("VllmEngine._call from the engine thread would deadlock")
+        if self._failure is not None:
+            raise RuntimeError(f"vLLM engine failed earlier: {self._failure!r}")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(function(self._engine))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                done.set_exception(exc)
+
+        self._commands.put(run)
+        return done.result()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._engine.get_tokenizer()
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self._failure is not None:
+            raise RuntimeError(f"vLLM engine failed earlier: {self._failure!r}")
+        if self._updating:
+            raise RuntimeError("generate() called while update_weights() is running")
+        params = SamplingParams(
+            n=1,
+            temperature=request.sampling.temperature,
+            top_p=request.sampling.top_p,
+            top_k=request.sampling.top_k,
+            max_tokens=request.max_tokens,
+            stop=list(request.stop),
+            include_stop_str_in_output=True,
+            logprobs=0,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            # -100 is vLLM's strongest bias; it enters the processed log-probs like the sampling does.
+            logit_bias={token_id: -100.0 for token_id in request.banned_token_ids} or None,
+        )
+        prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": request.images}
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        request_id = request.request_id
+
+        def add(engine: Any) -> None:
+            self._pending[request_id] = _Pending(loop, future)
+            try:
+                engine.add_request(request_id, prompt, params)
+            except BaseException as exc:  # noqa: BLE001 - a bad request fails only its own caller
+                self._resolve(request_id, error=exc)
+
+        self._commands.put(lambda: add(self._engine))
+        return await future
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> int:
+        """Load HF-named tensors into the running engine in place, bucket by bucket, then drop every cache
+        computed with the old weights (prefix KV, encoder outputs, processed images). Call it between rollout
+        phases (no request may be in flight). Returns the number of tensors loaded."""
+        if self._call(lambda engine: engine.has_unfinished_requests()):
+            raise RuntimeError("update_weights() called while requests are in flight")
+        bucket_limit = self.cfg.weight_bucket_mb << 20
+        self._updating = True
+        try:
+            num_tensors = 0
+            bucket: list[tuple[str, Any]] = []
+            bucket_bytes = 0
+            for name, tensor in named_tensors:
+                bucket.append((name, tensor))
+                bucket_bytes += tensor.numel() * tensor.element_size()
+                num_tensors += 1
+                if bucket_bytes >= bucket_limit:
+                    self._reload(bucket)
+                    bucket, bucket_bytes = [], 0
+            if bucket:
+                self._reload(bucket)
+            self._call(_reset_caches)
+        finally:
+            self._updating = False
+        return num_tensors
+
+    def _reload(self, bucket: list[tuple[str, Any]]) -> None:
+        self._call(lambda engine: engine.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket}))
+
+    @property
+    def supports_sleep(self) -> bool:
+        from vllm.platforms import current_platform
+
+        return self.cfg.enable_sleep_mode and current_platform.is_sleep_mode_available()
+
+    def sleep(self, level: int = 1) -> bool:
+        """Free accelerator memory between rollout phases; False (and nothing done) where unsupported."""
+        if not self.supports_sleep:
+            logger.info("sleep mode unavailable here (rollout.enable_sleep_mode=%s); engine stays awake",
+                        self.cfg.enable_sleep_mode)
+            return False
+        self._call(lambda engine: engine.sleep(level))
+        return True
+
+    def wake_up(self) -> bool:
+        if not self.supports_sleep:
+            return False
+        self._call(lambda engine: engine.wake_up())
+        return True
+
+    def shutdown(self) -> None:
+        if self._thread.is_alive():
+            self._commands.put(_STOP)
+            self._thread.join()
+        for request_id in list(self._pending):
+            self._resolve(request_id, error=RuntimeError("vLLM engine shut down"))
+
+
+def _reset_caches(engine: Any) -> None:
+    engine.reset_prefix_cache()
+    engine.reset_mm_cache()
+    engine.reset_encoder_cache()
