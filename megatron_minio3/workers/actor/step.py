@@ -1,0 +1,168 @@
+"""Packed micro-batches through megatron's pipeline schedule: log-probs (forward only) and the GRPO update pass.
+
+Runs on every rank of a TP x PP x DP layout; each data-parallel rank passes its own share of micro-batches
+(`PackedMiniBatch.micro_batches[dp_rank]`), the same list on every TP/PP rank of that share.
+
+Loss scaling. `policy_loss` returns each micro-batch's share of the mini-batch loss (normalised by the global
+token / sequence counts), so the mini-batch loss is the plain SUM over micro-batches and ranks. megatron's
+schedule divides what the loss function returns by the number of micro-batches (and multiplies by the CP size),
+and its DDP pre-scales gradients by 1 / (DP * CP) before summing them. The loss handed to megatron is
+therefore multiplied by num_microbatches * dp_size, which makes the reduced gradient exactly the gradient of
+the summed loss, however the mini-batch was split.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state as mpu
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from megatron_minio3.algorithms.policy_loss import LossCounts, policy_loss
+from megatron_minio3.config.algorithm import AlgorithmConfig
+from megatron_minio3.packing.thd import PackedMicroBatch
+from megatron_minio3.parallel.vocab_parallel import vocab_parallel_logprobs_and_entropy
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    temperature: float  # the rollout's sampling temperature (Mini-o3: 1.0)
+    vocab_size: int  # real vocabulary size; padded columns of the output layer are excluded
+    use_thd: bool  # Transformer Engine THD attention with cu_seqlens; else a block-causal mask
+    device: torch.device
+
+
+def model_inputs(mb: PackedMicroBatch, options: ForwardOptions) -> dict:
+    """Keyword arguments of Qwen2_5_VLModel.forward for one packed micro-batch (batch of one, S = T)."""
+    device = options.device
+
+    def move(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor.to(device)
+
+    return dict(
+        input_ids=mb.input_ids_T[None].to(device),
+        position_ids=mb.position_ids_3T[:, None, :].to(device),
+        attention_mask=None if options.use_thd else mb.attention_mask().to(device),
+        packed_seq_params=mb.packed_seq_params() if options.use_thd else None,
+        pixel_values=move(mb.pixel_values),
+        image_grid_thw=move(mb.image_grid_thw),
+    )
+
+
+def _run_schedule(
+    model: torch.nn.Module,
+    micro_batches: list[PackedMicroBatch],
+    options: ForwardOptions,
+    make_loss_func: Callable[[PackedMicroBatch], Callable],
+    forward_only: bool,
+) -> list:
+    if not micro_batches:
+        raise ValueError("no micro-batches for this rank: every data-parallel rank needs at least one sequence")
+    micro_batch_iter = iter(micro_batches)
+
+    def forward_step(data_iterator, step_model):
+        mb = next(data_iterator)
+        output = step_model(**model_inputs(mb, options), runtime_gather_output=False)
+        return output, make_loss_func(mb)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=micro_batch_iter,
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=max(mb.num_tokens for mb in micro_batches),
+        micro_batch_size=1,
+        forward_only=forward_only,
+        collect_non_loss_data=forward_only,
+    )
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Label-aligned [T] float32 values of one micro-batch (see packing.thd)."""
+
+    logprobs_T: Tensor
+    entropy_T: Tensor
+
+
+@torch.no_grad()
+def forward_logprobs(
+    model: torch.nn.Module, micro_batches: list[PackedMicroBatch], options: ForwardOptions
+) -> list[TokenScores] | None:
+    """Log-probs and entropies of every label of every micro-batch on last-stage ranks; None elsewhere."""
+    model.eval()
+
+    def make_loss_func(mb: PackedMicroBatch):
+        def scores(logits_1TV: Tensor, non_loss_data: bool = True) -> TokenScores:
+            logprobs_T, entropy_T = vocab_parallel_logprobs_and_entropy(
+                logits_1TV[0], mb.labels_T.to(logits_1TV.device), options.temperature,
+                vocab_size=options.vocab_size,
+            )
+            return TokenScores(logprobs_T=logprobs_T.cpu(), entropy_T=entropy_T.cpu())
+
+        return scores
+
+    outputs = _run_schedule(model, micro_batches, options, make_loss_func, forward_only=True)
+    return list(outputs) if mpu.is_pipeline_last_stage() else None
+
+
+METRIC_NAMES = ("loss", "pg_loss", "clip_fraction", "ppo_kl", "entropy", "kl")
+
+
+def forward_backward_policy_loss(
+    model: torch.nn.Module,
+    micro_batches: list[PackedMicroBatch],
+    loss_counts: LossCounts,
+    algorithm: AlgorithmConfig,
+    options: ForwardOptions,
+) -> dict[str, float]:
+    """Accumulate the GRPO loss gradients of this rank's micro-batches (the caller steps the optimizer).
+
+    Every micro-batch needs label-aligned token values "old_logprobs" and "advantages" (and "ref_logprobs"
+    when algorithm.kl_coef > 0). Returns the mini-batch metrics (summed over micro-batches and data-parallel
+    ranks, so they are mini-batch token-means / the mini-batch loss) on last-stage ranks, {} elsewhere.
+    """
+    model.train()
+    dp_size = mpu.get_data_parallel_world_size()
+    num_micro_batches = len(micro_batches)
+    use_kl = algorithm.kl_coef > 0
+
+    def make_loss_func(mb: PackedMicroBatch):
+        def loss_func(logits_1TV: Tensor):
+            device = logits_1TV.device
+            values = {name: value.to(device) for name, value in mb.token_values_T.items()}
+            logprobs_T, entropy_T = vocab_parallel_logprobs_and_entropy(
+                logits_1TV[0], mb.labels_T.to(device), options.temperature, vocab_size=options.vocab_size
+            )
+            out = policy_loss(
+                logprobs_T,
+                values["old_logprobs"].float(),
+                values["advantages"].float(),
+                mb.loss_mask_T.to(device),
+                algorithm.clip_ratio_low,
+                algorithm.clip_ratio_high,
+                algorithm.loss_agg_mode,
+                seq_ids=mb.seq_ids_T.to(device),
+                global_num_tokens=loss_counts.num_tokens,
+                global_num_seqs=loss_counts.num_seqs,
+                entropy=entropy_T,
+                entropy_coef=algorithm.entropy_coef,
+                ref_logprobs=values["ref_logprobs"].float() if use_kl else None,
+                kl_coef=algorithm.kl_coef,
+                kl_estimator=algorithm.kl_estimator,
+            )
+            metrics = {"loss": out.loss.detach().clone(), **out.metrics.as_dict()}
+            # megatron divides the returned loss by num_microbatches (in place) and DDP averages over DP
+            return out.loss * (num_micro_batches * dp_size), metrics
+
+        return loss_func
+
+    reduced = _run_schedule(model, micro_batches, options, make_loss_func, forward_only=False)
+    if not mpu.is_pipeline_last_stage():
+        return {}
+    names = [name for name in METRIC_NAMES if name in reduced[0]]
+    summed = torch.stack([torch.stack([m[name].float() for name in names]) for m in reduced]).sum(0)
+    torch.distributed.all_reduce(summed, group=mpu.get_data_parallel_group())
+    return dict(zip(names, summed.tolist()))
