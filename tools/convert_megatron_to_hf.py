@@ -44,22 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from megatron_minio3.convert.megatron_to_hf import convert_megatron_to_hf
-    from megatron_minio3.parallel import destroy_parallel, init_parallel
 
-    init_parallel(1, 1, backend="gloo")
-    try:
-        convert_megatron_to_hf(
-            args.megatron_dir,
-            args.out_dir,
-            args.hf_config_dir,
-            max_shard_bytes=args.max_shard_size,
-            bucket_bytes=args.bucket_size,
-            dtype=None if args.dtype == "original" else getattr(torch, args.dtype),
-            naming=None if args.naming == "original" else args.naming,
-            overwrite=args.overwrite,
-        )
-    finally:
-        destroy_parallel()
+    convert_megatron_to_hf(
+        args.megatron_dir,
+        args.out_dir,
+        args.hf_config_dir,
+        max_shard_bytes=args.max_shard_size,
+        bucket_bytes=args.bucket_size,
+        dtype=None if args.dtype == "original" else getattr(torch, args.dtype),
+        naming=None if args.naming == "original" else args.naming,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {args.out_dir}")
     return 0
 

@@ -6,13 +6,19 @@ and streamed into size-capped safetensors shards, so memory stays near one bucke
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_minio3.convert.megatron_checkpoint import (
     CheckpointMetadata,
@@ -60,13 +66,45 @@ def _check_checkpoint_tensors(
     return stored
 
 
-def _load_request(rule: ParamRule, stored: dict[str, ShardedTensor], num_layers: int) -> ShardedTensor:
-    """Request for one full (TP=1 layout) tensor; one row of the stacked tensor for a decoder layer."""
-    key, layer = checkpoint_key(rule.megatron_name)
-    buffer = torch.empty(rule.megatron_shape, dtype=stored[key].dtype)
-    if layer is None:
-        return ShardedTensor.from_rank_offsets(key, buffer)
-    return ShardedTensor.from_rank_offsets(key, buffer, (0, layer, num_layers), prepend_axis_num=1)
+class _BoxReadPlanner(DefaultLoadPlanner):
+    """torch.distributed.checkpoint planner that fills plain buffers from boxes of stored tensors (one decoder
+    layer of a stacked tensor, or a whole tensor), reading only the saved chunks that overlap each box.
+
+    megatron's own loader cannot read part of a stored tensor in a single process, so the exporter reads
+    through torch's checkpoint planner directly.
+    """
+
+    def __init__(self, boxes: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.boxes = boxes  # buffer name -> (stored key, offsets of the box in the stored tensor)
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for name, (key, offsets) in self.boxes.items():
+            box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=self.state_dict[name].shape)
+            for item in create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [box]):
+                items.append(dataclasses.replace(item, dest_index=MetadataIndex(name)))
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]
+
+
+def read_full_tensors(checkpoint_dir: str, rules: list[ParamRule], stored: dict[str, ShardedTensor]) -> dict:
+    """Full (TP=1 layout) tensors of the given rules, whatever TP/PP wrote the checkpoint."""
+    buffers, boxes = {}, {}
+    for rule in rules:
+        key, layer = checkpoint_key(rule.megatron_name)
+        dtype = stored[key].dtype
+        if layer is None:
+            buffers[rule.megatron_name] = torch.empty(rule.megatron_shape, dtype=dtype)
+            boxes[rule.megatron_name] = (key, (0,) * len(rule.megatron_shape))
+        else:
+            buffers[rule.megatron_name] = torch.empty((1, *rule.megatron_shape), dtype=dtype)
+            boxes[rule.megatron_name] = (key, (layer,) + (0,) * len(rule.megatron_shape))
+    dcp.load(buffers, storage_reader=dcp.FileSystemReader(checkpoint_dir), planner=_BoxReadPlanner(boxes),
+             no_dist=True)
+    return {name: buffers[name].reshape(rule.megatron_shape) for name, rule in zip(buffers, rules)}
 
 
 def _buckets(rules: list[ParamRule], stored: dict[str, ShardedTensor], bucket_bytes: int) -> list[list[ParamRule]]:
@@ -100,7 +138,7 @@ def convert_megatron_to_hf(
     naming: str | None = None,
     overwrite: bool = False,
 ) -> CheckpointMetadata:
-    """Needs torch.distributed initialised (a world of one is enough).
+    """One process, no torch.distributed needed.
 
     dtype: output dtype of every tensor (default: each tensor's dtype in the original HF checkpoint).
     naming: HF tensor-name layout, "released" or "transformers5" (default: the original checkpoint's).
@@ -137,8 +175,7 @@ def convert_megatron_to_hf(
     with atomic_directory(out_dir, overwrite=overwrite) as tmp_dir:
         writer = StreamingSafetensorsWriter(tmp_dir, specs, max_shard_bytes)
         for bucket in _buckets(rules, stored, bucket_bytes):
-            request = {r.megatron_name: _load_request(r, stored, cfg.text.num_layers) for r in bucket}
-            loaded = dist_checkpointing.load(request, megatron_dir)
+            loaded = read_full_tensors(megatron_dir, bucket, stored)
             for rule in bucket:
                 for hf_name, tensor in megatron_to_hf(rule.megatron_name, loaded.pop(rule.megatron_name), cfg,
                                                       NAMINGS[naming_name]):

@@ -1,9 +1,10 @@
 """torchrun worker: Megatron Qwen2.5-VL vs transformers, logits and gradients, at several TP/PP layouts.
 
     torchrun --nproc_per_node N qwen_parity.py --out RESULTS.json --work-dir DIR \
-        --ckpt NAME=HF_DIR [...] --layouts 1x1,2x1,1x2 --grad-layouts 2x1,1x2
+        --ckpt NAME@TPxPP=HF_DIR [...] --layouts 1x1,2x1,1x2 --grad-layouts 2x1,1x2
 
-Per checkpoint: convert HF -> Megatron at TP=N (all ranks), then for each layout load that checkpoint into
+Per checkpoint: convert HF -> Megatron at the given TPxPP (TP*PP = N), export that Megatron checkpoint back
+to HF (rank 0, into DIR/NAME_exported, small shards), then for each layout load the Megatron checkpoint into
 a freshly built model and compare, against transformers fp32 (eager attention):
 * logits of two micro-batches through megatron's pipeline schedule: one sequence with two images of
   different sizes and text around them; a right-padded batch of two sequences with 2 and 1 images;
@@ -26,7 +27,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--work-dir", required=True)
-    parser.add_argument("--ckpt", action="append", required=True, help="NAME=HF_DIR")
+    parser.add_argument("--ckpt", action="append", required=True, help="NAME@TPxPP=HF_DIR (conversion layout)")
     parser.add_argument("--layouts", default="1x1")
     parser.add_argument("--grad-layouts", default="")
     return parser.parse_args()
@@ -161,6 +162,7 @@ def main() -> None:
     from transformers import AutoProcessor
 
     from megatron_minio3.convert.hf_to_megatron import convert_hf_to_megatron
+    from megatron_minio3.convert.megatron_to_hf import convert_megatron_to_hf
     from megatron_minio3.models.qwen2_5_vl.config import load_hf_config
     from megatron_minio3.models.qwen2_5_vl.forward import forward_logits
     from megatron_minio3.models.qwen2_5_vl.parity import (
@@ -175,10 +177,14 @@ def main() -> None:
     world_size, rank = dist.get_world_size(), dist.get_rank()
     records = []
     for item in args.ckpt:
-        ckpt_name, hf_dir = item.split("=", 1)
+        spec, hf_dir = item.split("=", 1)
+        ckpt_name, convert_layout = spec.split("@")
         megatron_dir = str(Path(args.work_dir) / f"{ckpt_name}_megatron")
-        init_parallel(world_size, 1)
-        convert_hf_to_megatron(hf_dir, megatron_dir, overwrite=True)
+        init_parallel(*layouts(convert_layout)[0])
+        convert_hf_to_megatron(hf_dir, megatron_dir)
+        if rank == 0:
+            convert_megatron_to_hf(megatron_dir, Path(args.work_dir) / f"{ckpt_name}_exported", hf_dir,
+                                   max_shard_bytes=2 * 1024**2, bucket_bytes=1024**2)
         cfg = load_hf_config(hf_dir)
         processor = AutoProcessor.from_pretrained(hf_dir)
         images = synthetic_images()
