@@ -25,6 +25,11 @@ class RolloutConfig:
     # back and the trajectory is marked `exceed` (recipe: 2000).
     context_reserve_tokens: int = 2000
     stop: list[str] = field(default_factory=lambda: ["</grounding>"])
+    # Constrain every assistant turn to this regex with vLLM structured outputs ("" = free generation).
+    # For smoke tests and demos with untrained checkpoints, which otherwise never call the tool; the
+    # constraint is part of the sampling distribution (it enters the processed log-probs), so do not
+    # train on constrained samples unless the trainer applies the same mask.
+    guided_regex: str = ""
     # Box values are fractions of the raw source image (recipe default); False = pixels of the resized copy.
     relative_coordinates: bool = True
     # vLLM engine.

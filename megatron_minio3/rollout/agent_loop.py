@@ -60,6 +60,7 @@ class GenerationRequest:
     stop: tuple[str, ...]
     # Never to be generated: a generated image/video pad token would be taken for an image placeholder.
     banned_token_ids: tuple[int, ...] = ()
+    guided_regex: str = ""  # constrain the turn to this regex ("" = free generation)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class LoopLimits:
     context_reserve_tokens: int
     stop: tuple[str, ...]
     relative_coordinates: bool
+    guided_regex: str = ""
 
     @classmethod
     def for_training(cls, cfg: RolloutConfig) -> LoopLimits:
@@ -95,6 +97,7 @@ class LoopLimits:
             context_reserve_tokens=cfg.context_reserve_tokens,
             stop=tuple(cfg.stop),
             relative_coordinates=cfg.relative_coordinates,
+            guided_regex=cfg.guided_regex,
         )
 
     @classmethod
@@ -195,6 +198,7 @@ class _TrajectoryState:
             sampling=self.loop.sampling,
             stop=limits.stop,
             banned_token_ids=self.loop.turns.placeholder_ids,
+            guided_regex=limits.guided_regex,
         )
 
     def consume(self, result: GenerationResult, generate_s: float) -> None:

@@ -173,7 +173,7 @@ class VllmEngine:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         if self._failure is not None:
             raise RuntimeError(f"vLLM engine failed earlier: {self._failure!r}")
@@ -192,6 +192,7 @@ class VllmEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,
             # -100 is vLLM's strongest bias; it enters the processed log-probs like the sampling does.
             logit_bias={token_id: -100.0 for token_id in request.banned_token_ids} or None,
+            structured_outputs=StructuredOutputsParams(regex=request.guided_regex) if request.guided_regex else None,
         )
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
         if request.images:
