@@ -128,6 +128,12 @@ def forward_backward_policy_loss(
     dp_size = mpu.get_data_parallel_world_size()
     num_micro_batches = len(micro_batches)
     use_kl = algorithm.kl_coef > 0
+    if mpu.is_pipeline_last_stage():
+        required = {"old_logprobs", "advantages"} | ({"ref_logprobs"} if use_kl else set())
+        for index, mb in enumerate(micro_batches):
+            missing = required - set(mb.token_values_T)
+            if missing:
+                raise ValueError(f"micro-batch {index} lacks token values {sorted(missing)} needed by the loss")
 
     def make_loss_func(mb: PackedMicroBatch):
         def loss_func(logits_1TV: Tensor):
