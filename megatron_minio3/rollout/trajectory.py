@@ -155,11 +155,13 @@ def write_trajectories(
     *,
     file_name: str = "trajectories.jsonl",
     extras: Sequence[dict[str, Any]] | None = None,
+    append: bool = False,
 ) -> Path:
     """Write one JSON line per trajectory and its images under out_dir/images.
 
     A prompt's model-side images are written once per uid and shared by its samples (the raw prompt image
     is referenced by path); each crop is written raw and model-side. `extras[i]` is merged into line i.
+    append=True adds to an existing file (a prompt's samples must all be in the same call).
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
@@ -168,7 +170,7 @@ def write_trajectories(
         raise ValueError(f"{len(extras)} extras for {len(trajectories)} trajectories")
     path = out_dir / file_name
     written_prompt_images: set[str] = set()
-    with path.open("w", encoding="utf-8") as handle:
+    with path.open("a" if append else "w", encoding="utf-8") as handle:
         for index, traj in enumerate(trajectories):
             folder = _safe_name(traj.uid)
             (image_root / folder).mkdir(exist_ok=True)
