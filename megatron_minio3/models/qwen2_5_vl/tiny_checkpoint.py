@@ -11,8 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -295,6 +293,8 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, size: str = "tiny", seed: i
     validate_arch(arch)
 
     import torch  # heavy imports only once the arguments are known to be good
+
+    from megatron_minio3.convert.safetensors_io import atomic_directory
     from safetensors.torch import save_file
     from transformers import (
         Qwen2_5_VLConfig,
@@ -306,9 +306,7 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, size: str = "tiny", seed: i
     )
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=True) as tmp_dir:
         bpe = build_tokenizer(arch.num_merges)
         token_ids = {t: bpe.token_to_id(t) for t in SPECIAL_TOKENS}
         vocab_size = _round_up(bpe.get_vocab_size(), 128)
@@ -361,10 +359,4 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, size: str = "tiny", seed: i
             json.dumps({"size": size, "seed": seed, "arch": asdict(arch)}, indent=2, sort_keys=True, default=list)
             + "\n"
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
