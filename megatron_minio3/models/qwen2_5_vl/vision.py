@@ -104,7 +104,7 @@ def segment_attention(
             by_length.setdefault(length, []).append(start)
     out_PHD = torch.empty_like(query_PHD)
     for length, group_starts in by_length.items():
-        index_GL = torch.tensor(group_starts).view(-1, 1) + torch.arange(length).view(1, -1)
+        index_GL = (torch.tensor(group_starts).view(-1, 1) + torch.arange(length).view(1, -1)).to(query_PHD.device)
         q, k, v = (x[index_GL].transpose(1, 2) for x in (query_PHD, key_PHD, value_PHD))  # [G, H, L, D]
         out_GLHD = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         out_PHD = out_PHD.index_put((index_GL.reshape(-1),), out_GLHD.reshape(-1, *out_GLHD.shape[2:]))
