@@ -91,11 +91,19 @@ class TrainerConfig:
     output_dir: str = "outputs/grpo"
     total_steps: int = 100
     train_batch_size: int = 256  # valid prompts per step (after dynamic sampling)
-    save_every: int = 50
+    save_every: int = 50  # checkpoint every N steps and after the last step; 0 = no checkpoints
     eval_every: int = 0  # 0: no evaluation during training
     resume: bool = True  # continue from the latest complete checkpoint in output_dir
+    keep_last_checkpoints: int = 0  # prune older complete checkpoints beyond this many; 0 keeps all
     seed: int = 1
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    # Dynamic sampling: generation rounds (train_batch_size prompts each) until train_batch_size groups with a
+    # learning signal are collected; after this many rounds the step trains on the groups it has.
+    max_generation_rounds: int = 4
+    # hybrid: the vLLM engines live in the actor's process (one actor rank; the CPU default);
+    # separate: num_rollout_workers Ray actors hold the engines and receive weights over a broadcast group.
+    rollout_placement: Literal["hybrid", "separate"] = "hybrid"
+    num_rollout_workers: int = 1
 
     def validate(self) -> None:
         if self.total_steps < 1 or self.train_batch_size < 1:
@@ -103,6 +111,12 @@ class TrainerConfig:
                 f"trainer.total_steps and trainer.train_batch_size must be >= 1, got "
                 f"{self.total_steps} and {self.train_batch_size}"
             )
+        for name in ("save_every", "keep_last_checkpoints", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_generation_rounds", "num_rollout_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         unknown = sorted(set(self.loggers) - {"console", "jsonl", "wandb"})
         if unknown:
             raise ValueError(f"trainer.loggers: unknown logger(s) {unknown}; choose from console, jsonl, wandb")
