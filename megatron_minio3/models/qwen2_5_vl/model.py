@@ -135,12 +135,16 @@ class Qwen2_5_VLModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.vision_model = None
         if pre_process:
-            if options.perform_initialization:
+            device = (
+                torch.device("cpu")
+                if transformer_config.use_cpu_initialization
+                else torch.device("cuda", torch.cuda.current_device())
+            )
+            # Without initialisation the weights are only allocated (they are loaded right after).
+            with torch.device(device if options.perform_initialization else "meta"):
                 self.vision_model = VisionEncoder(model_cfg.vision, dtype=options.params_dtype)
-            else:
-                with torch.device("meta"):
-                    self.vision_model = VisionEncoder(model_cfg.vision, dtype=options.params_dtype)
-                self.vision_model.to_empty(device="cpu" if transformer_config.use_cpu_initialization else "cuda")
+            if not options.perform_initialization:
+                self.vision_model.to_empty(device=device)
                 self.vision_model.inv_freq.copy_(vision_inverse_frequencies(model_cfg.vision))
         self.language_model = GPTModel(
             config=transformer_config,
@@ -173,6 +177,11 @@ class Qwen2_5_VLModel(MegatronModule):
 
     def shared_embedding_or_output_weight(self) -> Tensor | None:
         return self.language_model.shared_embedding_or_output_weight()
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """Read by megatron's finalize_model_grads (embedding-gradient all-reduce across pipeline stages)."""
+        return self.language_model.share_embeddings_and_output_weights
 
     def embed(
         self, input_ids_BS: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None

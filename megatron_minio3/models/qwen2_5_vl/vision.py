@@ -47,6 +47,7 @@ class VisionLayout:
 
 
 def vision_layout(grid_thw_N3: torch.Tensor, cfg: VisionConfig) -> VisionLayout:
+    """Patch coordinates, the window permutation and the attention segments of a batch of images."""
     merge = cfg.spatial_merge_size
     blocks_per_window = cfg.window_size // merge // cfg.patch_size
     if blocks_per_window < 1:
