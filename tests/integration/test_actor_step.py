@@ -16,7 +16,7 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 LAYOUTS = {  # name: (processes, script arguments)
     "tp1": (1, ["--grads", "--update"]),
     "tp2": (2, ["--tp", 2, "--update"]),
-    "pp2": (2, ["--pp", 2]),  # update at PP2 needs Qwen2_5_VLModel.share_embeddings_and_output_weights
+    "pp2": (2, ["--pp", 2, "--update"]),
     "dp2": (2, ["--grads", "--update"]),
 }
 
@@ -70,6 +70,8 @@ def test_log_probs_match_tp1(run_layout, layout):
     assert sorted(other) == sorted(reference) == list(range(12))
     for index, values in reference.items():
         torch.testing.assert_close(other[index], values, rtol=0, atol=1e-5)
+    if "--update" in LAYOUTS[layout][1]:
+        check_first_update(run_layout(layout)["ranks"])
 
 
 @pytest.mark.slow
