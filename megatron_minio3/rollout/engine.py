@@ -232,6 +232,7 @@ class VllmEngine:
                     bucket, bucket_bytes = [], 0
             if bucket:
                 self._reload(bucket)
+            self._call(lambda engine: engine.collective_rpc(_repack_tied_lm_head))
             self._call(_reset_caches)
         finally:
             self._updating = False
@@ -267,6 +268,30 @@ class VllmEngine:
             self._thread.join()
         for request_id in list(self._pending):
             self._resolve(request_id, error=RuntimeError("vLLM engine shut down"))
+
+
+def _repack_tied_lm_head(worker: Any) -> list[str]:
+    """vLLM CPU computes each lm_head with a copy of its weight prepacked after loading. An in-place reload
+    re-processes only the modules it loads; a tied lm_head (sharing embed_tokens' weight, never loaded itself)
+    would keep the old packed copy, so repack it. A no-op for untied models and on GPU."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
+
+    model = worker.model_runner.get_model()
+    embeddings = {m.weight.data_ptr() for m in model.modules() if type(m) is VocabParallelEmbedding}
+    repacked = []
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, ParallelLMHead)
+            and isinstance(module.quant_method, UnquantizedEmbeddingMethod)
+            and module.weight.data_ptr() in embeddings
+        ):
+            module.quant_method.process_weights_after_loading(module)
+            repacked.append(name)
+    return repacked
 
 
 def _reset_caches(engine: Any) -> None:
