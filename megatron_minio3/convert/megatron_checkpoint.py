@@ -152,16 +152,18 @@ def load_megatron_checkpoint(model: torch.nn.Module, checkpoint_dir: str | os.Pa
     if diffs:
         raise ValueError(f"{checkpoint_dir}: architecture differs from the model's: {'; '.join(diffs)}")
     sharded = model.sharded_state_dict()
-    loaded, missing, _unexpected = dist_checkpointing.load(
+    # megatron's names: "missing" = in the checkpoint but not requested (e.g. a training checkpoint's optimizer
+    # state), "unexpected" = requested but not in the checkpoint.
+    loaded, _not_requested, absent = dist_checkpointing.load(
         sharded, str(checkpoint_dir), strict=StrictHandling.RETURN_ALL
     )
     # Transformer Engine's per-module _extra_state (fp8 metadata) is absent from checkpoints written with
     # the local spec; TE initialises it itself.
-    missing = sorted(key for key in missing if not key.endswith("_extra_state"))
+    missing = sorted(key for key in absent if not key.endswith("_extra_state"))
     if missing:
         raise ValueError(f"{checkpoint_dir}: checkpoint lacks tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    loaded.pop(METADATA_KEY)
-    result = model.load_state_dict(loaded, strict=False)
+    # only the model's entries: a training checkpoint also holds optimizer and trainer state
+    result = model.load_state_dict({key: loaded[key] for key in sharded if key in loaded}, strict=False)
     not_loaded = [k for k in result.missing_keys if not k.endswith("_extra_state")] + list(result.unexpected_keys)
     assert not not_loaded, f"state dict keys not matched after a complete load: {not_loaded[:8]}"
     return metadata
