@@ -9,6 +9,7 @@ from megatron_minio3.config.algorithm import AlgorithmConfig, PackingConfig
 from megatron_minio3.config.data import DataConfig
 from megatron_minio3.config.reward import RewardConfig
 from megatron_minio3.config.rollout import EvalConfig, RolloutConfig
+from megatron_minio3.config.weights import WeightsConfig
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
 
     def validate(self) -> None:
         """Checks that span sections (each section's own `validate` runs first, from the loader)."""
