@@ -129,7 +129,10 @@ class VllmEngine:
             else:
                 pending.future.set_result(result)
 
-        pending.loop.call_soon_threadsafe(deliver)
+        try:
+            pending.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the caller's event loop is closed: nobody waits for this result any more
+            pass
 
     def _fail_all(self, exc: BaseException) -> None:
         self._failure = exc
@@ -209,7 +212,15 @@ class VllmEngine:
                 self._resolve(request_id, error=exc)
 
         self._commands.put(lambda: add(self._engine))
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller gave up (e.g. another trajectory failed): free the slot
+            self._commands.put(lambda: self._abort(request_id))
+            raise
+
+    def _abort(self, request_id: str) -> None:
+        if self._pending.pop(request_id, None) is not None:
+            self._engine.abort_request([request_id])
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> int:
         """Load HF-named tensors into the running engine in place, bucket by bucket, then drop every cache
@@ -233,10 +244,14 @@ class VllmEngine:
             if bucket:
                 self._reload(bucket)
             self._call(lambda engine: engine.collective_rpc(_repack_tied_lm_head))
-            self._call(_reset_caches)
+            self.reset_caches()
         finally:
             self._updating = False
         return num_tensors
+
+    def reset_caches(self) -> None:
+        """Drop the prefix KV cache, cached encoder outputs and processed images (between phases only)."""
+        self._call(_reset_caches)
 
     def _reload(self, bucket: list[tuple[str, Any]]) -> None:
         self._call(lambda engine: engine.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket}))

@@ -1,0 +1,163 @@
+"""Throughput of the multi-turn crop-tool loop on one vLLM engine, as ratios measured in one run.
+
+Usage: python tools/bench/rollout.py [--model DIR | --size tiny|small] [--num-prompts 16] [--n 4]
+                                     [--max-turns 4] [--max-tokens-per-turn 96] [--repeats 3]
+
+Three ways to generate on the same engine, caches reset before each measurement:
+  async    the agent loop: each trajectory submits its next turn as soon as its tool result is ready;
+  sync     the same loop turn-synchronously: a turn starts when every trajectory finished the previous one;
+  single   one single-turn request per trajectory, with the same first prompt and image, generating exactly
+           that trajectory's number of generated tokens (end-of-turn tokens banned): the same token count
+           with no tool round trips, no observation prefill and no crops to encode.
+Printed figures: tokens/s of each, async/single and sync/single (the cost of the tool loop relative to plain
+generation of the same number of tokens), and async/sync. A generated random-weight checkpoint never calls
+the tool by itself, so the loop's turns are constrained to think/zoom/answer with a regex (vLLM structured
+outputs); "single (guided)" shows what that constraint costs on its own. Figures go in docs/rollout.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+
+def guided_regex(think_min: int, think_max: int) -> str:
+    """Think (a random length within the bounds), then zoom into the original or an observation, or answer."""
+    return (
+        rf"<think>[a-z ]{{{think_min},{think_max}}}</think>("
+        r'<grounding>\{"bbox_2d": \[0\.[0-4], 0\.[0-4], 0\.[5-9], 0\.[5-9]\], "source": "(original_image|observation_[1-3])"\}</grounding>'
+        r"|<answer>\([A-D]\)</answer>)"
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="", help="HF checkpoint (default: generate one of --size)")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-tokens-per-turn", type=int, default=96)
+    parser.add_argument("--think-min", type=int, default=4, help="bounds of the reasoning text of a turn (chars);")
+    parser.add_argument("--think-max", type=int, default=24, help="a wide range gives turns of uneven length")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-cache-mb", type=int, default=512)
+    parser.add_argument("--dtype", default="auto")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    from megatron_minio3.config.data import DataConfig
+    from megatron_minio3.config.rollout import RolloutConfig
+    from megatron_minio3.data.images import load_image
+    from megatron_minio3.data.minio3_json import read_minio3_json
+    from megatron_minio3.data.synthetic import VisualSearchSpec, write_visual_search_dataset
+    from megatron_minio3.rollout.agent_loop import AgentLoop, GenerationRequest
+    from megatron_minio3.rollout.engine import VllmEngine
+
+    work = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
+    model = args.model
+    if not model:
+        from megatron_minio3.models.qwen2_5_vl.tiny_checkpoint import make_tiny_checkpoint
+
+        model = str(make_tiny_checkpoint(work / "ckpt", size=args.size))
+    spec = VisualSearchSpec(width=672, height=504, num_distractors=20)
+    prompts = read_minio3_json(write_visual_search_dataset(work / "data", args.num_prompts, seed=0, spec=spec))
+    cfg = RolloutConfig(
+        max_turns=args.max_turns,
+        max_tokens_per_turn=args.max_tokens_per_turn,
+        max_total_tokens=4096,
+        context_reserve_tokens=128,
+        dtype=args.dtype,
+        kv_cache_memory_mb=args.kv_cache_mb,
+        enforce_eager=True,
+        max_num_seqs=max(64, args.num_prompts * args.n),
+        guided_regex=guided_regex(args.think_min, args.think_max),
+    )
+    data = DataConfig(min_pixels=3136, max_pixels=100_000)
+    engine = VllmEngine(cfg, model)
+    loop = AgentLoop.from_config([engine], engine.tokenizer, engine.vision, cfg, data)
+    end_ids = tuple({engine.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
+    first_prompts = {
+        prompt.uid: (
+            loop.turns.prompt_ids(prompt.question, 1),
+            [loop.model_image(load_image(prompt.image_paths[0]), loop.image_resample)],
+        )
+        for prompt in prompts
+    }
+
+    def run_loop(turn_synchronous: bool):
+        engine.reset_caches()
+        started = time.perf_counter()
+        batch = asyncio.run(loop.run(prompts, args.n, turn_synchronous=turn_synchronous))
+        seconds = time.perf_counter() - started
+        return sum(t.num_generated_tokens for t in batch.trajectories), seconds, batch
+
+    def run_single(lengths: list[tuple[str, int]], guided: bool):
+        engine.reset_caches()
+
+        async def generate_all():
+            requests = [
+                GenerationRequest(
+                    request_id=f"single-{index}-{next(loop.request_counter)}",
+                    prompt_token_ids=first_prompts[uid][0],
+                    images=first_prompts[uid][1],
+                    max_tokens=length if not guided else cfg.max_tokens_per_turn,
+                    sampling=loop.sampling,
+                    stop=tuple(cfg.stop),
+                    banned_token_ids=loop.turns.placeholder_ids + (() if guided else end_ids),
+                    guided_regex=cfg.guided_regex if guided else "",
+                )
+                for index, (uid, length) in enumerate(lengths)
+            ]
+            return await asyncio.gather(*(engine.generate(request) for request in requests))
+
+        started = time.perf_counter()
+        results = asyncio.run(generate_all())
+        return sum(len(r.token_ids) for r in results), time.perf_counter() - started
+
+    run_loop(False)  # warm-up: first requests, structured-output grammar compilation
+    rates: dict[str, list[float]] = {"async": [], "sync": [], "single": [], "single (guided)": []}
+    turns, tokens = [], []
+    for _ in range(args.repeats):
+        generated, seconds, batch = run_loop(False)
+        rates["async"].append(generated / seconds)
+        turns.append(sum(t.num_turns for t in batch.trajectories) / len(batch.trajectories))
+        tokens.append(generated)
+        lengths = [(t.uid, t.num_generated_tokens) for t in batch.trajectories]
+        single_tokens, single_seconds = run_single(lengths, guided=False)
+        assert single_tokens == generated, (single_tokens, generated)
+        rates["single"].append(single_tokens / single_seconds)
+        guided_tokens, guided_seconds = run_single(lengths, guided=True)
+        rates["single (guided)"].append(guided_tokens / guided_seconds)
+        sync_generated, sync_seconds, _ = run_loop(True)
+        rates["sync"].append(sync_generated / sync_seconds)
+    engine.shutdown()
+
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"model {model} | {args.num_prompts} prompts x {args.n} samples, up to {args.max_turns} turns of up to "
+          f"{args.max_tokens_per_turn} tokens, think {args.think_min}-{args.think_max} chars | "
+          f"{statistics.mean(turns):.2f} turns and {statistics.mean(tokens):.0f} generated tokens per batch on average | "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for name, values in rates.items():
+        print(f"  {name:16s} {median[name]:8.1f} tokens/s  (runs: {', '.join(f'{v:.1f}' for v in values)})")
+    ratios = {
+        "async/single": median["async"] / median["single"],
+        "sync/single": median["sync"] / median["single"],
+        "async/sync": median["async"] / median["sync"],
+        "single_guided/single": median["single (guided)"] / median["single"],
+    }
+    for name, value in ratios.items():
+        print(f"  {name:22s} {value:.2f}")
+    print(json.dumps({"tokens_per_s": median, "ratios": ratios, "turns_mean": statistics.mean(turns)}))
+
+
+if __name__ == "__main__":
+    main()
