@@ -66,7 +66,9 @@ class BucketPlan:
     numel: int
 
 
-def plan_buckets(owned_rules: Sequence[tuple[ParamRule, int]], bucket_bytes: int, element_size: int) -> list[BucketPlan]:
+def plan_buckets(
+    owned_rules: Sequence[tuple[ParamRule, int]], bucket_bytes: int, element_size: int
+) -> list[BucketPlan]:
     """Pack (rule, owning stage) pairs, in the given order, into buckets of at most ``bucket_bytes``.
 
     Whole reload groups only, one stage per bucket; a group larger than ``bucket_bytes`` gets a bucket alone.

@@ -179,7 +179,9 @@ def parity_metrics(sequences: Sequence[ProbeSequence], token_logprobs: Sequence[
     diffs = []
     for seq, train in zip(sequences, token_logprobs):
         if train.shape != (len(seq.token_ids),):
-            raise ValueError(f"probe {seq.uid}: log-probs of shape {tuple(train.shape)}, expected ({len(seq.token_ids)},)")
+            raise ValueError(
+                f"probe {seq.uid}: log-probs of shape {tuple(train.shape)}, expected ({len(seq.token_ids)},)"
+            )
         rollout = torch.tensor(seq.rollout_logprobs, dtype=torch.float64)
         diffs.append((train.double()[seq.generated_positions] - rollout).abs())
     diff = torch.cat(diffs)

@@ -157,9 +157,13 @@ class CudaIpcTarget:
 def load_ipc_bucket(engine: WeightEngine, payload: IpcBucket) -> int:
     """Engine process: open the bucket's memory through its IPC handle and load it; returns the tensor count."""
     rebuild, args = payload.handle
-    local = [i for i in range(torch.cuda.device_count()) if str(torch.cuda.get_device_properties(i).uuid) == payload.device_uuid]
+    local = [
+        i for i in range(torch.cuda.device_count()) if str(torch.cuda.get_device_properties(i).uuid) == payload.device_uuid
+    ]
     if not local:
-        raise ValueError(f"weight bucket '{payload.entries[0].name}' lives on GPU {payload.device_uuid}, not visible here")
+        raise ValueError(
+            f"weight bucket '{payload.entries[0].name}' lives on GPU {payload.device_uuid}, not visible here"
+        )
     args = list(args)
     args[6] = local[0]  # rebuild_cuda_tensor's storage_device: this process's index of that GPU
     flat = rebuild(*args)
