@@ -167,7 +167,11 @@ def resolve_export_dtype(weights_dtype: str, rollout_dtype: str, hf_dir: str | P
 
 
 class WeightExporter:
-    """Streams this model's weights as full HF tensors (see the module docstring). One per actor model."""
+    """Streams this model's weights as full HF tensors (see the module docstring). One per actor model.
+
+    model: this rank's Qwen2_5_VLModel (MegatronActor.module, not its DDP wrapper); naming: the HF tensor-name
+    layout the engine loads (detect_naming of its checkpoint); dtype: the engine's dtype (resolve_export_dtype).
+    """
 
     def __init__(self, model: torch.nn.Module, naming: HfNaming, *, bucket_bytes: int, dtype: torch.dtype):
         self.model = model
