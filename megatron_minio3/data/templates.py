@@ -6,8 +6,7 @@ the rollout expands it to the image's token count).
 from __future__ import annotations
 
 from megatron_minio3.config.data import DataConfig
-
-IMAGE_MARKER = "<image>"
+from megatron_minio3.data.minio3_json import IMAGE_MARKER
 VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -60,8 +59,3 @@ def render_error_parts(cfg: DataConfig) -> list[str]:
     """
     sentinel = "\x00error\x00"
     return _format(cfg.error_template, "error_template", error=sentinel).split(sentinel)
-
-
-def render_error_text(cfg: DataConfig, error: str) -> str:
-    """The error turn's text with the message filled in (for display; tokenize with render_error_parts)."""
-    return error.join(render_error_parts(cfg))

@@ -20,7 +20,6 @@ from megatron_minio3.data.templates import (
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
 IM_END = "<|im_end|>"
 VIDEO_PAD = "<|video_pad|>"
 
@@ -33,10 +32,6 @@ class VisionSpec:
     merge_size: int = 2
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
 
 
 def load_vision_spec(model_path: str | Path) -> VisionSpec:
@@ -99,7 +94,6 @@ class TurnTokenizer:
         self.data_cfg = data_cfg
         self.image_pad_id = self._special_id(IMAGE_PAD)
         self.vision_start_id = self._special_id(VISION_START)
-        self.vision_end_id = self._special_id(VISION_END)
         self.im_end_id = self._special_id(IM_END)
         # Placeholder ids the model must never generate (they would be taken for images).
         self.placeholder_ids = (self.image_pad_id, self._special_id(VIDEO_PAD))
