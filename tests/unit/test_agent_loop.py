@@ -288,7 +288,7 @@ def test_trajectories_do_not_wait_for_each_other(tokenizer, vision, image_file):
         return (zoom(), "stop") if turn < 2 else (ANSWER, "stop")
 
     def delay(request, turn):
-        return 0.6 if request.request_id.startswith("ds/slow") and turn == 0 else 0.01
+        return 1.2 if request.request_id.startswith("ds/slow") and turn == 0 else 0.01
 
     prompts = [prompt_for(image_file, uid="ds/slow"), prompt_for(image_file, uid="ds/fast")]
     engine = ScriptedEngine(tokenizer, script, delay)
