@@ -49,3 +49,27 @@ def synthetic_images():
         Image.fromarray(rng.randint(0, 255, (56, 84, 3), dtype=np.uint8)),
         Image.fromarray(rng.randint(0, 255, (112, 56, 3), dtype=np.uint8)),
     ]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole session; the repo is importable in its workers.
+
+    Ray waits a fixed 30 s for its raylet to register; on a loaded 2-core machine that can time out, so
+    the start is tried twice.
+    """
+    import ray
+
+    from tests.distributed import REPO_ROOT
+
+    kwargs = dict(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    try:
+        ray.init(**kwargs)
+    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception on a start-up time-out
+        if "timed out during startup" not in str(err):
+            raise
+        ray.shutdown()
+        ray.init(**kwargs)
+    yield ray
+    ray.shutdown()

@@ -4,7 +4,6 @@ import math
 import pytest
 
 from megatron_minio3.workers.group import RankWorker, WorkerGroup
-from tests.distributed import REPO_ROOT
 
 
 class GPTRankWorker(RankWorker):
@@ -15,17 +14,7 @@ class GPTRankWorker(RankWorker):
         return {"tp_rank": self.ctx.tp_rank, "losses": losses, "grad_norms": grad_norms}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    yield ray
-    ray.shutdown()
-
-
-def test_tp2_group_trains_like_torchrun(ray_local):
+def test_tp2_group_trains_like_torchrun(ray_cluster):
     group = WorkerGroup(GPTRankWorker, 2, num_cpus_per_worker=1)
     try:
         ranks = group.call("init_parallel", tp=2, pp=1, seed=7)
@@ -39,7 +28,7 @@ def test_tp2_group_trains_like_torchrun(ray_local):
     assert results[0]["grad_norms"] == pytest.approx(results[1]["grad_norms"], rel=1e-6)
 
 
-def test_group_rejects_bad_arguments(ray_local):
+def test_group_rejects_bad_arguments(ray_cluster):
     with pytest.raises(ValueError, match="world_size must be >= 1"):
         WorkerGroup(GPTRankWorker, 0)
     group = WorkerGroup(GPTRankWorker, 1)
