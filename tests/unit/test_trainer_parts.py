@@ -1,0 +1,132 @@
+"""The trainer's pure parts: atomic checkpoints, the prompt sampler, groups and dynamic sampling, the summary."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from megatron_minio3.config import Config
+from megatron_minio3.config.algorithm import AlgorithmConfig
+from megatron_minio3.data.minio3_json import Prompt
+from megatron_minio3.rewards.types import RewardResult
+from megatron_minio3.rollout.trajectory import Trajectory, TurnRecord
+from megatron_minio3.trainer.batch import group_by_prompt, groups_to_keep
+from megatron_minio3.trainer.checkpoint import STATE_FILE, CheckpointManager
+from megatron_minio3.trainer.logging import MetricsLogger, PhaseTimer, read_metrics, summary_lines
+from megatron_minio3.trainer.sampler import PromptSampler
+
+
+def write_shards(directory: str) -> list[dict]:
+    with open(os.path.join(directory, "shard_0.distcp"), "wb") as handle:
+        handle.write(b"\0" * 128)
+    return [{"param_sum": 1.5}]
+
+
+def test_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    assert manager.latest() is None
+    path = manager.save(1, {"step": 1}, Config(), write_shards)
+    assert path == tmp_path / "checkpoints" / "step_00000001" and manager.latest() == path
+    assert manager.read_state(path) == {"step": 1, "actor_fingerprint": [{"param_sum": 1.5}]}
+    assert (path / "config.yaml").is_file() and (path / "shard_0.distcp").is_file()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("a rank died"), KeyboardInterrupt()])
+def test_an_interrupted_save_leaves_the_previous_checkpoint_latest(tmp_path, failure):
+    manager = CheckpointManager(tmp_path)
+    first = manager.save(1, {"step": 1}, Config(), write_shards)
+
+    def half_written(directory: str) -> list[dict]:
+        write_shards(directory)
+        raise failure
+
+    with pytest.raises(type(failure)):
+        manager.save(2, {"step": 2}, Config(), half_written)
+    assert manager.latest() == first and manager.read_state(first)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+
+
+def test_leftovers_of_a_killed_save_are_not_checkpoints_and_are_removed(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    first = manager.save(3, {"step": 3}, Config(), write_shards)
+    leftover = tmp_path / ".step_00000004.tmp-abc123"  # what a SIGKILL during a save leaves
+    leftover.mkdir()
+    (leftover / STATE_FILE).write_text("{}")
+    (tmp_path / "step_00000005").mkdir()  # a directory without trainer state is not a checkpoint either
+    assert manager.latest() == first
+    assert manager.remove_incomplete() == [leftover] and not leftover.exists()
+
+
+def test_finished_checkpoints_are_never_overwritten_and_pruning_keeps_the_newest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        manager.save(step, {"step": step}, Config(), write_shards)
+    assert [step for step, _ in manager.complete()] == [2, 3]
+    with pytest.raises(ValueError, match="refusing to overwrite a finished checkpoint"):
+        manager.save(3, {"step": 3}, Config(), write_shards)
+    assert manager.read_state(manager.latest())["step"] == 3
+
+
+def prompts(count: int) -> list[Prompt]:
+    return [Prompt(f"set/{i}", (), f"question {i}", "A", "src") for i in range(count)]
+
+
+def test_sampler_resumes_exactly_where_it_stopped():
+    data = prompts(5)
+    uninterrupted = PromptSampler(data, seed=3)
+    expected = [p.uid for _ in range(4) for p in uninterrupted.next(3)]  # crosses two epoch boundaries
+    first = PromptSampler(data, seed=3)
+    seen = [p.uid for _ in range(2) for p in first.next(3)]
+    resumed = PromptSampler(data, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    seen += [p.uid for _ in range(2) for p in resumed.next(3)]
+    assert seen == expected
+    assert sorted(expected[:5]) == sorted(p.uid for p in data)  # each epoch is a permutation
+    assert expected[:5] != expected[5:10]  # and a new one every epoch
+    with pytest.raises(ValueError, match="refers to 5 training prompts"):
+        PromptSampler(prompts(6), seed=3).load_state_dict(first.state_dict())
+
+
+def trajectory(uid: str) -> Trajectory:
+    return Trajectory(
+        uid=uid, sample_index=0, data_source="src", question="q", ground_truth="A", verifier=None,
+        prompt_length=2, token_ids=[1, 2, 3], loss_mask=[0, 0, 1], rollout_logprobs=[0.0, 0.0, -1.0],
+        attention_length=3, images=[], turns=[TurnRecord(1, "stop", False)], turn_texts=["<answer>A</answer>"],
+        exceed=False, void=False, truncated=False, end_reason="answer",
+    )
+
+
+def test_groups_and_dynamic_sampling():
+    uids = ["a", "a", "a", "b", "b", "b", "c", "c", "c", "a", "a"]  # "a" again: a later round of the same prompt
+    scores = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, float("nan"), 1.0, 0.0, 0.0]
+    results = [RewardResult(s, failed=s != s) for s in scores]
+    groups = group_by_prompt([trajectory(u) for u in uids], results)
+    assert [len(g.trajectories) for g in groups] == [3, 3, 3, 2]
+    drop = [r.failed for r in results]
+    assert groups_to_keep(groups, drop, AlgorithmConfig()) == [True, False, False, False]  # spread, flat, failed, flat
+    no_filter = AlgorithmConfig(dynamic_sampling=False)
+    assert groups_to_keep(groups, drop, no_filter) == [True, True, False, True]  # reward failures always drop
+    with pytest.raises(ValueError, match="2 trajectories but 1 reward results"):
+        group_by_prompt([trajectory("a"), trajectory("a")], results[:1])
+
+
+def test_metrics_logger_keeps_records_up_to_the_resumed_step_and_summarises(tmp_path):
+    cfg = Config()
+    cfg.trainer.loggers = ["jsonl"]
+    logger = MetricsLogger(cfg, tmp_path, resume_step=0)
+    logger.log_event("probe", 0, {"probe/mean_abs_logprob_diff": 1e-7, "probe/max_abs_logprob_diff": 1e-6})
+    timer = PhaseTimer()
+    with timer("generate"):
+        pass
+    for step in (1, 2, 3):
+        logger.log(step, {"reward/mean": 0.1 * step, "reward/src/mean": 0.1 * step, "actor/num_updates": 2.0,
+                          "actor/loss": float("nan"), **timer.metrics()})
+    MetricsLogger(cfg, tmp_path, resume_step=2)  # a run resuming from the step-2 checkpoint
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r.get("event"), r["step"]) for r in records] == [("probe", 0), (None, 1), (None, 2)]
+    assert records[1]["actor/loss"] is None and records[1]["timing/generate_s"] >= 0
+    text = "\n".join(summary_lines(records, tmp_path / "metrics.jsonl", None))
+    assert "reward per step:   0.100 0.200" in text and "src: reward 0.100 (step 1) -> 0.200 (step 2)" in text
+    assert "4 optimizer steps" in text and "<= 1.00e-07 over 1 probe(s)" in text
