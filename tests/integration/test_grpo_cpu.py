@@ -169,7 +169,9 @@ def test_two_steps_sync_checkpoint_and_resume(ray_cluster, tiny_hf_dir, dataset,
 
     # Resume: one more step. The checkpoint's model, optimizer and scheduler come back (the trainer compares
     # the fingerprints and fails otherwise), the engines get the trained weights, the prompts continue.
-    stdout = train(overrides(tiny_hf_dir, dataset, out, **{"trainer.total_steps": 3}), capsys)
+    # This step also turns on the KL term (a reference model built from the HF checkpoint) and the entropy bonus.
+    extra = {"trainer.total_steps": 3, "algorithm.kl_coef": 0.05, "algorithm.entropy_coef": 0.01}
+    stdout = train(overrides(tiny_hf_dir, dataset, out, **extra), capsys)
     assert f"resumed from {out / 'checkpoints' / 'step_00000002'} (step 2" in stdout
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
@@ -179,6 +181,8 @@ def test_two_steps_sync_checkpoint_and_resume(ray_cluster, tiny_hf_dir, dataset,
     for key in ("probe/rollout_logprob_mean", "probe/num_tokens"):  # the same weights in the engine as after step 2
         assert resumed_probe[key] == pytest.approx(after_2[key], abs=1e-5), key
     assert steps[2]["actor/optimizer_steps"] == state_2["num_optimizer_steps"] + steps[2]["actor/num_updates"]
+    assert steps[2]["actor/kl"] > 0 and steps[2]["timing/ref_logprobs_s"] > 0  # trained policy vs the initial one
+    assert "actor/kl" not in steps[1]
 
     state_3 = manager.read_state(out / "checkpoints" / "step_00000003")
     assert state_3["actor_fingerprint"][0]["optimizer_steps"] == steps[2]["actor/optimizer_steps"]
