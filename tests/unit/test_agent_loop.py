@@ -22,7 +22,7 @@ from megatron_minio3.rollout.agent_loop import (
     SamplingSettings,
 )
 from megatron_minio3.rollout.crop_tool import image_grid_thw, num_image_tokens
-from megatron_minio3.rollout.tokens import expand_image_pads, image_pad_runs, load_vision_spec
+from megatron_minio3.rollout.tokens import expand_image_pads, image_pad_runs
 from megatron_minio3.rollout.trajectory import validate_trajectory
 
 ANSWER = "<think>I see it.</think><answer>B</answer>"
@@ -68,18 +68,6 @@ class ScriptedEngine:
             finish_reason=finish,
             prompt_token_ids=expand_image_pads(request.prompt_token_ids, counts, self.pad_id),
         )
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_hf_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_hf_dir)
-
-
-@pytest.fixture(scope="module")
-def vision(tiny_hf_dir):
-    return load_vision_spec(tiny_hf_dir)
 
 
 @pytest.fixture()

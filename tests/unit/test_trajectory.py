@@ -15,20 +15,6 @@ from megatron_minio3.rollout.trajectory import read_trajectories, validate_traje
 from tests.unit.test_agent_loop import ANSWER, ScriptedEngine, make_loop, prompt_for, zoom
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_hf_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_hf_dir)
-
-
-@pytest.fixture(scope="module")
-def vision(tiny_hf_dir):
-    from megatron_minio3.rollout.tokens import load_vision_spec
-
-    return load_vision_spec(tiny_hf_dir)
-
-
 @pytest.fixture()
 def trajectories(tokenizer, vision, tmp_path):
     rng = np.random.default_rng(1)
