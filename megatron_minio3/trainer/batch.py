@@ -40,12 +40,13 @@ class SampleGroup:
 
 
 def group_by_prompt(trajectories: Sequence[Trajectory], results: Sequence[RewardResult]) -> list[SampleGroup]:
-    """Consecutive trajectories of the same prompt form a group (the agent loop returns them so)."""
+    """The samples of one prompt are consecutive, sample 0 first (the agent loop returns them so); a prompt
+    handed out twice in one round (a dataset smaller than the batch) makes two groups."""
     if len(trajectories) != len(results):
         raise ValueError(f"{len(trajectories)} trajectories but {len(results)} reward results")
     groups: list[SampleGroup] = []
     for traj, result in zip(trajectories, results):
-        if not groups or groups[-1].trajectories[0].uid != traj.uid:
+        if not groups or traj.sample_index == 0 or groups[-1].trajectories[0].uid != traj.uid:
             groups.append(SampleGroup([], []))
         groups[-1].trajectories.append(traj)
         groups[-1].results.append(result)

@@ -6,12 +6,13 @@ actor ranks and rollout engines (workers/), the math in algorithms/, the packing
 One step: prompts -> n rollouts each -> rewards -> dynamic sampling (more rounds until train_batch_size
 groups with a learning signal, or trainer.max_generation_rounds) -> advantages, exceed mask, packing ->
 old (and reference) log-probs -> one optimizer step per mini-batch -> weight sync into the engines ->
-parity probe -> log -> checkpoint every trainer.save_every steps. Every user mistake raises ValueError in
+parity probe -> evaluation every trainer.eval_every steps -> log -> checkpoint every trainer.save_every steps. Every user mistake raises ValueError in
 `prepare`, before Ray or any worker starts. See docs/trainer.md.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from megatron_minio3.data.minio3_json import Prompt
 from megatron_minio3.trainer.batch import SampleGroup
 from megatron_minio3.trainer.checkpoint import CheckpointManager
 from megatron_minio3.trainer.logging import PhaseTimer
+from megatron_minio3.weights.probe import ParityProbe, ProbePrompt
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +33,15 @@ class RunPlan:
     """What `prepare` checked and found, handed to the trainer."""
 
     prompts: list[Prompt]
+    probe_prompts: list[Prompt]  # the first weights.probe_num_prompts (none when the probe is off)
+    parity: ParityProbe | None  # reports the probe (the rollout side runs its own from the same prompts)
     checkpoints: CheckpointManager
     resume_from: Path | None
 
 
 def prepare(cfg: Config) -> RunPlan:
     """All checks that need no worker: ValueError naming the key at fault."""
+    from megatron_minio3.data.images import ImageLoadError
     from megatron_minio3.data.minio3_json import read_datasets
     from megatron_minio3.packing import padded_length, padding_multiple
     from megatron_minio3.rewards.manager import RewardManager
@@ -75,10 +80,9 @@ def prepare(cfg: Config) -> RunPlan:
             f"cannot feed parallel.dp = {cfg.parallel.dp} ranks"
         )
     if cfg.trainer.eval_every:
-        raise ValueError(
-            "trainer.eval_every: evaluation during training is not wired into the trainer; set it to 0 and run "
-            "python -m megatron_minio3.trainer.eval on an exported checkpoint"
-        )
+        if not cfg.data.val_files:
+            raise ValueError("trainer.eval_every is set but data.val_files is empty: list the evaluation files")
+        read_datasets(cfg.data.val_files, cfg.data.image_dir, cfg.eval.max_prompts)
     if "wandb" in cfg.trainer.loggers:
         try:
             import wandb  # noqa: F401
@@ -92,7 +96,15 @@ def prepare(cfg: Config) -> RunPlan:
             f"trainer.resume is false but {checkpoints.root} holds checkpoints (latest {latest.name}); resume, or "
             "choose another trainer.output_dir (finished checkpoints are never overwritten)"
         )
-    return RunPlan(prompts=prompts, checkpoints=checkpoints, resume_from=latest)
+    probe_prompts = prompts[: cfg.weights.probe_num_prompts if cfg.weights.probe_every else 0]
+    try:
+        parity = ParityProbe(
+            [ProbePrompt.from_prompt(p) for p in probe_prompts], max_tokens=cfg.weights.probe_max_tokens,
+            warn_mean_abs_diff=cfg.weights.probe_warn_mean_abs_diff,
+        ) if probe_prompts else None
+    except ImageLoadError as err:
+        raise ValueError(f"weights.probe_num_prompts: the probe uses the first training prompts, and {err}") from None
+    return RunPlan(prompts, probe_prompts, parity, checkpoints, latest)
 
 
 class GRPOTrainer:
@@ -122,7 +134,7 @@ class GRPOTrainer:
         start_step = resumed["step"] if resumed else 0
         mini_batches_per_step = -(-cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size)
         total_optimizer_steps = cfg.trainer.total_steps * cfg.actor.ppo_epochs * mini_batches_per_step
-        num_probe = min(cfg.weights.probe_num_prompts, len(plan.prompts)) if cfg.weights.probe_every else 0
+        self.parity = plan.parity
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(num_cpus=max(_cpu_count(), cfg.parallel.world_size + cfg.trainer.num_rollout_workers),
@@ -134,7 +146,7 @@ class GRPOTrainer:
                 logger.warning("removed unfinished checkpoint(s): %s", ", ".join(p.name for p in removed))
             print(f"starting {cfg.parallel.world_size} actor rank(s), rollout placement "
                   f"{cfg.trainer.rollout_placement} ...", flush=True)
-            self.workers = start_workers(cfg, total_optimizer_steps, plan.prompts[:num_probe], seed_offset=start_step)
+            self.workers = start_workers(cfg, total_optimizer_steps, plan.probe_prompts, seed_offset=start_step)
             if resumed:
                 self._restore(plan.resume_from, resumed)
             elif cfg.actor.load:  # the engines started from the HF checkpoint, the actor from actor.load
@@ -148,7 +160,7 @@ class GRPOTrainer:
 
     def fit(self) -> None:
         cfg = self.cfg.trainer
-        if self.cfg.weights.probe_every and self.step < cfg.total_steps:
+        if self.parity is not None and self.step < cfg.total_steps:
             baseline = self.probe()
             print(f"parity probe before step {self.step + 1}: mean |logp_train - logp_rollout| = "
                   f"{baseline['probe/mean_abs_logprob_diff']:.2e}", flush=True)
@@ -159,9 +171,12 @@ class GRPOTrainer:
                 groups, metrics = self.collect(step, timer)
                 if groups:
                     metrics.update(self.train(groups, timer))
-                if self.cfg.weights.probe_every and step % self.cfg.weights.probe_every == 0:
+                if self.parity is not None and step % self.cfg.weights.probe_every == 0:
                     with timer("probe"):
                         metrics.update(self.probe())
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+                    with timer("eval"):
+                        metrics.update(self.evaluate(step))
                 self.step = step
                 if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.total_steps):
                     with timer("save"):
@@ -190,6 +205,8 @@ class GRPOTrainer:
         generate_s = 0.0
         while len(kept) < batch_size and num_rounds < max_rounds:
             num_rounds += 1
+            logger.info("step %d: generation round %d: %d prompts x %d samples (%d of %d groups kept so far)",
+                        step, num_rounds, batch_size, cfg.rollout.n, len(kept), batch_size)
             with timer("generate"):
                 batch = self.workers.generate(self.sampler.next(batch_size), cfg.rollout.n)
             with timer("reward"):
@@ -200,12 +217,14 @@ class GRPOTrainer:
             drop = self.reward.drop_mask(round_results, validation=False)
             groups = group_by_prompt(batch.trajectories, round_results)
             keep = groups_to_keep(groups, drop, cfg.algorithm)
-            failed_uids = {traj.uid for traj, flag in zip(batch.trajectories, drop) if flag}
+            offset = 0
             for group, keep_group in zip(groups, keep):
+                size = len(group.trajectories)
                 if keep_group:
                     kept.append(group)
                 else:
-                    dropped["reward_failed" if group.trajectories[0].uid in failed_uids else "no_reward_spread"] += 1
+                    dropped["reward_failed" if any(drop[offset : offset + size]) else "no_reward_spread"] += 1
+                offset += size
             num_groups += len(groups)
             trajectories += batch.trajectories
             skipped += batch.skipped
@@ -240,6 +259,8 @@ class GRPOTrainer:
                 cfg.parallel, image_token_id=self.image_token_id, spatial_merge_size=self.vision.merge_size,
             )
             shares = [[(mb.micro_batches[d], mb.loss_counts) for mb in mini_batches] for d in range(cfg.parallel.dp)]
+        logger.info("step %d: %d sequences in %d mini-batch(es): old log-probs, then %d epoch(s) of updates",
+                    self.step + 1, len(items), len(mini_batches), cfg.actor.ppo_epochs)
         self.workers.call_per_dp_rank("load_batch", shares)
         with timer("old_logprobs"):
             diffs = self.workers.results(self.workers.call("compute_logprobs", "old_logprobs"))
@@ -275,7 +296,7 @@ class GRPOTrainer:
     def probe(self) -> dict[str, float]:
         """The engine's greedy probe sequences, scored by the actor (weights/probe.py)."""
         from megatron_minio3.packing import pack_mini_batch
-        from megatron_minio3.weights.probe import ParityProbe, parity_metrics
+        from megatron_minio3.weights.probe import ParityProbe
 
         cfg = self.cfg
         sequences = self.workers.probe_rollout()
@@ -289,14 +310,21 @@ class GRPOTrainer:
         scored = {}
         for share in self.workers.results(self.workers.call_per_dp_rank("score", packed.micro_batches)):
             scored.update(share)
-        metrics = parity_metrics(sequences, [scored[i] for i in range(len(items))])
+        metrics = self.parity.report(sequences, [scored[i] for i in range(len(items))])  # warns on a mismatch
         rollout_logprobs = [lp for seq in sequences for lp in seq.rollout_logprobs]
-        metrics["probe/rollout_logprob_mean"] = sum(rollout_logprobs) / len(rollout_logprobs)
-        if metrics["probe/mean_abs_logprob_diff"] > cfg.weights.probe_warn_mean_abs_diff:
-            logger.warning("rollout/trainer log-prob mismatch: mean |diff| %.3g > weights.probe_warn_mean_abs_diff "
-                           "%.3g; check the weight sync and the engine's dtype", metrics["probe/mean_abs_logprob_diff"],
-                           cfg.weights.probe_warn_mean_abs_diff)
+        metrics["probe/rollout_logprob_mean"] = sum(rollout_logprobs) / len(rollout_logprobs)  # tracks the weights
         return metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Avg@k and pass@k per data_source on data.val_files (eval.*), under <output_dir>/eval/step_N."""
+        output_dir = self.run_dir / "eval" / f"step_{step:08d}"
+        result = self.workers.evaluate(str(output_dir))
+        k = self.cfg.eval.k
+        return {
+            f"eval/{source}/{name}": row[name]
+            for source, row in result["per_source"].items()
+            for name in (f"avg@{k}", f"pass@{k}")
+        }
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -338,8 +366,6 @@ def _layout(cfg: Config) -> dict[str, int]:
 
 
 def _cpu_count() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 
@@ -353,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if plan.resume_from is not None:
+        done = plan.checkpoints.read_state(plan.resume_from)["step"]
+        if done >= cfg.trainer.total_steps:
+            print(f"{plan.resume_from} is at step {done} of trainer.total_steps={cfg.trainer.total_steps}: nothing "
+                  "to do (raise trainer.total_steps to train further, or choose another trainer.output_dir)")
+            return 0
     trainer = None
     try:
         trainer = GRPOTrainer(cfg, plan)

@@ -10,6 +10,7 @@ Metric names (all floats; one record per step):
                             mean |old log-prob (actor) - rollout log-prob (engine)| on the trained tokens
     weights/...             weight sync: seconds, GB, GB/s, buckets
     probe/...               rollout-vs-trainer parity probe after the sync (weights/probe.py)
+    eval/<source>/avg@k     evaluation on data.val_files every trainer.eval_every steps (trainer/eval.py), pass@k
     timing/<phase>_s        wall seconds of each phase of the step; timing/step_s the whole step
 """
 from __future__ import annotations
@@ -138,6 +139,9 @@ def format_step(step: int, total_steps: int, metrics: dict[str, float]) -> str:
         text += TRAIN_TEMPLATE.format_map(values)
     else:
         text += "  train: no group with a learning signal this step: no update, weights unchanged\n"
+    evals = sorted((k[len("eval/") :], v) for k, v in values.items() if k.startswith("eval/"))
+    if evals:
+        text += "  eval: " + ", ".join(f"{name} {value:.3f}" for name, value in evals) + "\n"
     phases = sorted((k[len("timing/") : -len("_s")], v) for k, v in metrics.items()
                     if k.startswith("timing/") and k != "timing/step_s")
     return text + "  time: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases)
@@ -185,6 +189,9 @@ def summary_lines(records: list[dict], metrics_path: Path, checkpoint: Path | No
         f"{_mean(trained, 'actor/grad_norm'):.3f}, entropy {_mean(trained, 'actor/entropy'):.3f}",
         f"weight sync: {_mean(trained, 'weights/sync_s'):.2f} s per sync, {_mean(trained, 'weights/sync_gb'):.3f} GB",
     ]
+    for key in sorted({k for r in steps for k in r if k.startswith("eval/")}):
+        lines.append(f"{key}: " + " ".join(f"{r[key]:.3f} (step {r['step']})" for r in steps
+                                            if r.get(key) is not None))
     probes = [r for r in records if r.get("probe/mean_abs_logprob_diff") is not None]
     if probes:
         lines.append(

@@ -94,6 +94,9 @@ class ActorWorker(RankWorker):
     def probe_rollout(self):
         return self.rollout.probe_rollout()
 
+    def evaluate(self, output_dir: str) -> dict:
+        return self.rollout.evaluate(output_dir)
+
     # ------------------------------------------------------------------ training
 
     def load_batch(self, mini_batches: list[tuple[list[PackedMicroBatch], LossCounts]]) -> None:

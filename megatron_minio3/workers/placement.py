@@ -14,7 +14,6 @@ A worker process that dies raises WorkerCrashed in the controller, naming the ca
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from megatron_minio3.config.schema import Config
 from megatron_minio3.data.minio3_json import Prompt
 from megatron_minio3.rollout.agent_loop import RolloutBatch
 from megatron_minio3.workers.group import WorkerGroup
-
-logger = logging.getLogger(__name__)
 
 
 class WorkerCrashed(RuntimeError):
@@ -60,7 +57,7 @@ class TrainingWorkers:
     cfg: Config
     actors: WorkerGroup
     coords: list[dict]  # per actor rank: rank, tp/pp/cp/dp rank, writes_results
-    rollout: list  # Ray handles offering generate / probe_rollout (actor ranks or RolloutWorkers)
+    rollout: list  # Ray handles offering generate / probe_rollout / evaluate (actor ranks or RolloutWorkers)
     rollout_workers: list = field(default_factory=list)  # separate placement
 
     # ---------------------------------------------------------------- actor calls
@@ -85,23 +82,22 @@ class TrainingWorkers:
     # ---------------------------------------------------------------- rollout calls
 
     def generate(self, prompts: Sequence[Prompt], num_samples: int) -> RolloutBatch:
-        """Prompts split evenly over the rollout handles; trajectories come back grouped, in prompt order."""
+        """Prompts split evenly over the rollout handles; each prompt's samples come back consecutive."""
         shares = [list(prompts[i :: len(self.rollout)]) for i in range(len(self.rollout))]
         calls = [(h, s) for h, s in zip(self.rollout, shares) if s]
         batches = _get([h.generate.remote(s, num_samples) for h, s in calls], "rollout.generate")
-        by_uid: dict[str, list] = {}
-        for batch in batches:
-            for traj in batch.trajectories:
-                by_uid.setdefault(traj.uid, []).append(traj)
-        ordered = [traj for prompt in dict.fromkeys(p.uid for p in prompts) for traj in by_uid.get(prompt, [])]
         return RolloutBatch(
-            trajectories=ordered,
+            trajectories=[traj for batch in batches for traj in batch.trajectories],
             skipped=[s for batch in batches for s in batch.skipped],
             wall_s=max(batch.wall_s for batch in batches),
         )
 
     def probe_rollout(self) -> list:
         return _get([self.rollout[0].probe_rollout.remote()], "rollout.probe_rollout")[0]
+
+    def evaluate(self, output_dir: str) -> dict:
+        """Avg@k on data.val_files on the first rollout handle's engines (trainer/eval.py)."""
+        return _get([self.rollout[0].evaluate.remote(output_dir)], "rollout.evaluate")[0]
 
     def sync_weights(self) -> dict[str, float]:
         """Actor -> engines. Separate placement: the rollout workers receive while the actor ranks send."""
@@ -137,6 +133,17 @@ def start_workers(
     from megatron_minio3.workers.rollout_worker import RolloutWorker
 
     on_gpu = _cuda_available()
+    if on_gpu:  # Ray would wait forever for GPUs the cluster does not have
+        needed = cfg.parallel.world_size + (
+            cfg.trainer.num_rollout_workers * cfg.rollout.tensor_parallel_size
+            if cfg.trainer.rollout_placement == "separate" else 0
+        )
+        available = ray.cluster_resources().get("GPU", 0)
+        if needed > available:
+            raise ValueError(
+                f"the run needs {needed} GPUs (parallel: {cfg.parallel.world_size} actor ranks, plus rollout workers "
+                f"with trainer.rollout_placement=separate) but the Ray cluster has {available:g}"
+            )
     env = worker_env(cfg)
     actors = WorkerGroup(
         ActorWorker, cfg.parallel.world_size, num_cpus_per_worker=1, num_gpus_per_worker=1 if on_gpu else 0,

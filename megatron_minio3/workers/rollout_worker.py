@@ -5,7 +5,7 @@
   between rollout and training; weights go from Megatron into the engines in place, no copy.
 - separate: inside `RolloutWorker`, a Ray actor of its own; weights arrive as buckets broadcast over a
   weight group (gloo on CPU, NCCL on GPU) from the actor's rank 0.
-The controller calls the same methods in both cases (`generate`, `probe_rollout`).
+The controller calls the same methods in both cases (`generate`, `probe_rollout`, `evaluate`).
 This module imports no Megatron code.
 """
 from __future__ import annotations
@@ -29,9 +29,13 @@ class RolloutRuntime:
         from megatron_minio3.rollout.agent_loop import AgentLoop
         from megatron_minio3.rollout.engine import VllmEngine
 
+        self.cfg = cfg
         # A resumed run must not replay the sampling stream of its first steps: offset the engine seed.
         rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + seed_offset)
-        self.engines = [VllmEngine(rollout_cfg, cfg.model) for _ in range(rollout_cfg.num_engines)]
+        max_images = max(cfg.rollout.max_images, cfg.eval.max_images if cfg.trainer.eval_every else 0)
+        self.engines = [
+            VllmEngine(rollout_cfg, cfg.model, max_images=max_images) for _ in range(rollout_cfg.num_engines)
+        ]
         # vLLM CPU pins its threads and then warns on every request that it ignores torch.set_num_threads.
         logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)
         first = self.engines[0]
@@ -54,6 +58,13 @@ class RolloutRuntime:
         assert self.probe is not None, "probe_rollout without probe prompts"
         return asyncio.run(self.probe.rollout(self.engines[0], self.loop))
 
+    def evaluate(self, output_dir: str) -> dict:
+        """Avg@k on data.val_files with the current weights (trainer/eval.py), written under output_dir."""
+        from megatron_minio3.trainer.eval import evaluate
+
+        cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, output_dir=output_dir))
+        return evaluate(cfg, engines=self.engines)
+
     def shutdown(self) -> None:
         for engine in self.engines:
             engine.shutdown()
@@ -72,6 +83,9 @@ class RolloutWorker:
 
     def probe_rollout(self) -> list[ProbeSequence]:
         return self.runtime.probe_rollout()
+
+    def evaluate(self, output_dir: str) -> dict:
+        return self.runtime.evaluate(output_dir)
 
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
         """Rank `rank` (>= 1) of the weight group whose rank 0 is the actor's rank 0 (called at the same time)."""

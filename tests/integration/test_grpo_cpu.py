@@ -90,6 +90,8 @@ def test_config_error_stops_the_command_line_before_any_worker(tiny_hf_dir, data
         ("data.train_files=[/nonexistent/train.json]", "dataset file not found"),
         ("rollout.temperature=0", "rollout.temperature must be > 0 for training"),
         ("reward.verifiers={synthetic_visual_search: nope}", "is not a verifier"),
+        ("trainer.eval_every=2", "trainer.eval_every is set but data.val_files is empty"),
+        ("weights.bucket_mb=1024", "weights.bucket_mb (1024) must not exceed rollout.weight_bucket_mb"),
     ],
 )
 def test_config_mistakes_raise_before_ray_starts(tiny_hf_dir, dataset, tmp_path, bad, message):

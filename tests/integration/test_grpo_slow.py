@@ -44,11 +44,13 @@ def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = 
         time.sleep(0.5)
 
 
-def test_separate_placement_tp2_then_resume_hybrid_tp1(tiny_hf_dir, dataset, tmp_path):  # noqa: F811
-    """TP2 actor ranks broadcast their weights to a rollout worker over a gloo weight group; the checkpoint
-    written at TP2 is resumed by a single-rank hybrid run, whose engine then holds the same weights."""
+@pytest.mark.parametrize("layout", [{"parallel.tp": 2}, {"parallel.dp": 2, "trainer.num_rollout_workers": 2}])
+def test_separate_placement_then_resume_hybrid_single_rank(tiny_hf_dir, dataset, tmp_path, layout):  # noqa: F811
+    """Two actor ranks (TP2, or DP2 with two rollout workers sharing the prompts) broadcast their weights to the
+    rollout workers over a gloo weight group; the checkpoint is resumed by a single-rank hybrid run, whose
+    engine then holds the same weights."""
     out = tmp_path / "run"
-    separate = {"trainer.total_steps": 1, "trainer.rollout_placement": "separate", "parallel.tp": 2}
+    separate = {"trainer.total_steps": 1, "trainer.rollout_placement": "separate", **layout}
     run_grpo(overrides(tiny_hf_dir, dataset, out, **separate), tmp_path / "first.log")
     records = read_metrics(out / "metrics.jsonl")
     baseline, after_1 = [r for r in records if r.get("probe/mean_abs_logprob_diff") is not None]
@@ -115,8 +117,15 @@ def test_reward_rises_when_the_signal_is_learnable(tiny_hf_dir, tmp_path):
     path.write_text(json.dumps(rows))
     out = tmp_path / "run"
     settings = {"trainer.total_steps": 12, "trainer.train_batch_size": 4, "actor.ppo_mini_batch_size": 2,
-                "trainer.save_every": 0, "rollout.max_turns": 3, "weights.probe_every": 4}
+                "trainer.save_every": 0, "rollout.max_turns": 3, "weights.probe_every": 4,
+                "trainer.eval_every": 6, "data.val_files": f"[{path}]", "eval.k": 2, "eval.max_prompts": 4,
+                "eval.max_turns": 3}
     run_grpo(overrides(tiny_hf_dir, path, out, **settings), tmp_path / "run.log")
-    rewards = [r["reward/mean"] for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
+    rewards = [r["reward/mean"] for r in steps]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > 0.8 and last > first + 0.3, rewards
+    # evaluation during training (Avg@2 on 4 questions) after steps 6 and 12, written per step
+    evals = [(r["step"], r["eval/synthetic_visual_search/avg@2"]) for r in steps if "eval/all/avg@2" in r]
+    assert [step for step, _ in evals] == [6, 12] and evals[-1][1] > 0.6, evals
+    assert (out / "eval" / "step_00000012" / "metrics.json").is_file()

@@ -89,9 +89,9 @@ def test_sampler_resumes_exactly_where_it_stopped():
         PromptSampler(prompts(6), seed=3).load_state_dict(first.state_dict())
 
 
-def trajectory(uid: str) -> Trajectory:
+def trajectory(uid: str, sample_index: int) -> Trajectory:
     return Trajectory(
-        uid=uid, sample_index=0, data_source="src", question="q", ground_truth="A", verifier=None,
+        uid=uid, sample_index=sample_index, data_source="src", question="q", ground_truth="A", verifier=None,
         prompt_length=2, token_ids=[1, 2, 3], loss_mask=[0, 0, 1], rollout_logprobs=[0.0, 0.0, -1.0],
         attention_length=3, images=[], turns=[TurnRecord(1, "stop", False)], turn_texts=["<answer>A</answer>"],
         exceed=False, void=False, truncated=False, end_reason="answer",
@@ -99,17 +99,19 @@ def trajectory(uid: str) -> Trajectory:
 
 
 def test_groups_and_dynamic_sampling():
-    uids = ["a", "a", "a", "b", "b", "b", "c", "c", "c", "a", "a"]  # "a" again: a later round of the same prompt
+    # "c" twice in a row: a prompt handed out twice in one round (dataset smaller than the batch)
+    samples = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2), ("c", 0), ("c", 1), ("c", 2),
+               ("c", 0), ("c", 1)]
     scores = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, float("nan"), 1.0, 0.0, 0.0]
     results = [RewardResult(s, failed=s != s) for s in scores]
-    groups = group_by_prompt([trajectory(u) for u in uids], results)
+    groups = group_by_prompt([trajectory(uid, index) for uid, index in samples], results)
     assert [len(g.trajectories) for g in groups] == [3, 3, 3, 2]
     drop = [r.failed for r in results]
     assert groups_to_keep(groups, drop, AlgorithmConfig()) == [True, False, False, False]  # spread, flat, failed, flat
     no_filter = AlgorithmConfig(dynamic_sampling=False)
     assert groups_to_keep(groups, drop, no_filter) == [True, True, False, True]  # reward failures always drop
     with pytest.raises(ValueError, match="2 trajectories but 1 reward results"):
-        group_by_prompt([trajectory("a"), trajectory("a")], results[:1])
+        group_by_prompt([trajectory("a", 0), trajectory("a", 1)], results[:1])
 
 
 def test_metrics_logger_keeps_records_up_to_the_resumed_step_and_summarises(tmp_path):
