@@ -3,8 +3,8 @@
 This module is the only place in the code base that knows megatron-core assumes CUDA. Activation is a
 no-op when CUDA is available, so GPU runs are untouched. What it does on a CPU-only machine:
 
-* ``torch.cuda.current_device`` / ``synchronize`` / ``manual_seed`` stop failing: megatron calls them
-  directly (``current_device`` is used as a ``device=`` argument, so it must name something usable).
+* ``torch.cuda.current_device`` / ``synchronize`` / ``manual_seed`` / ``get_rng_state`` stop failing: megatron
+  calls them directly (activation recompute saves the CUDA RNG state; there is none, and no dropout) (``current_device`` is used as a ``device=`` argument, so it must name something usable).
 * A ``TorchFunctionMode`` maps every ``device="cuda"``-like argument (``"cuda"``, ``"cuda:0"``, an
   integer index, ``torch.device("cuda")``) and ``Tensor.cuda()`` to the CPU. megatron's pipeline
   schedules and grad-clip helpers create tensors with a hard-coded CUDA device.
@@ -76,6 +76,9 @@ def activate_cpu_compat() -> bool:
         torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]
         torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
         torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+        # Activation recompute saves and restores the CUDA RNG state around each recomputed layer.
+        torch.cuda.random.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)  # type: ignore
+        torch.cuda.get_rng_state = torch.cuda.random.get_rng_state  # type: ignore[assignment]
         _MODE = _CudaArgumentsToCpu()
         _MODE.__enter__()
         _ACTIVE = True

@@ -34,6 +34,9 @@ class ModelOptions:
     freeze_merger: bool = False  # the 2x2 merger / projector into the LLM width
     freeze_language_model: bool = False
     use_cpu_initialization: bool | None = None  # None: only when CUDA is absent
+    # Full activation recompute in training: each decoder layer and vision block keeps only its input and
+    # recomputes the rest in the backward pass (megatron recompute_granularity="full", one layer per unit).
+    recompute_activations: bool = False
     perform_initialization: bool = True  # False when every weight is loaded right after (conversion)
 
 
@@ -111,6 +114,9 @@ def build_transformer_config(cfg: Qwen2_5_VLConfig, options: ModelOptions) -> Tr
         moe_token_dispatcher_type="alltoall",  # dense model; megatron rejects its default with variable lengths
         use_cpu_initialization=use_cpu_init,
         perform_initialization=options.perform_initialization,
+        recompute_granularity="full" if options.recompute_activations else None,
+        recompute_method="uniform" if options.recompute_activations else None,
+        recompute_num_layers=1 if options.recompute_activations else None,
     )
 
 
@@ -142,7 +148,9 @@ class Qwen2_5_VLModel(MegatronModule):
             )
             # Without initialisation the weights are only allocated (they are loaded right after).
             with torch.device(device if options.perform_initialization else "meta"):
-                self.vision_model = VisionEncoder(model_cfg.vision, dtype=options.params_dtype)
+                self.vision_model = VisionEncoder(
+                    model_cfg.vision, dtype=options.params_dtype, recompute=options.recompute_activations
+                )
             if not options.perform_initialization:
                 self.vision_model.to_empty(device=device)
                 self.vision_model.inv_freq.copy_(vision_inverse_frequencies(model_cfg.vision))

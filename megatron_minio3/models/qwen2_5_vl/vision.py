@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -187,9 +188,10 @@ def vision_inverse_frequencies(cfg: VisionConfig) -> torch.Tensor:
 class VisionEncoder(nn.Module):
     """pixel_values [num_patches, C*T*P*P] + image_grid_thw [N, 3] -> image embeddings [num_tokens, out_hidden]."""
 
-    def __init__(self, cfg: VisionConfig, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, cfg: VisionConfig, dtype: torch.dtype | None = None, *, recompute: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.recompute = recompute  # in training, each block keeps its input only and recomputes in backward
         self.patch_embed = nn.Linear(cfg.patch_input_size, cfg.hidden_size, bias=False, dtype=dtype)
         self.blocks = nn.ModuleList(VisionBlock(cfg, dtype) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, dtype)
@@ -217,6 +219,9 @@ class VisionEncoder(nn.Module):
         cos_PD, sin_PD = self.rotary_cos_sin(layout.patch_hw_P2.to(device)[order_P])
         for index, block in enumerate(self.blocks):
             lengths = layout.frame_lengths if index in cfg.fullatt_block_indexes else layout.window_lengths
-            x_PC = block(x_PC, cos_PD, sin_PD, lengths)
+            if self.recompute and self.training and torch.is_grad_enabled():
+                x_PC = torch.utils.checkpoint.checkpoint(block, x_PC, cos_PD, sin_PD, lengths, use_reentrant=False)
+            else:
+                x_PC = block(x_PC, cos_PD, sin_PD, lengths)
         merged_MC = self.merger(x_PC)
         return merged_MC[torch.argsort(layout.window_order_M.to(device))]

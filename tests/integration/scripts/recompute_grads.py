@@ -1,0 +1,64 @@
+"""torchrun worker: full activation recompute (actor.recompute_activations) changes memory, not numbers.
+
+Usage: torchrun --nproc_per_node N recompute_grads.py --hf-dir DIR --out-dir OUT --tp T
+
+Two actors from the same checkpoint, one with recompute, take one optimizer step on the same packed
+multimodal mini-batch (the vision tower trains too); every rank writes the grad norms, the loss and the
+largest parameter difference after the step, and how often the first decoder layer and vision
+block ran forward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_minio3.config.algorithm import AlgorithmConfig, PackingConfig
+from megatron_minio3.config.schema import ActorConfig, OptimConfig
+from megatron_minio3.packing import pack_mini_batch
+from megatron_minio3.parallel import destroy_parallel, init_parallel
+from megatron_minio3.workers.actor.actor import MegatronActor
+from tests.integration.scripts.actor_step import make_items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    args = parser.parse_args()
+
+    ctx = init_parallel(tp=args.tp, pp=1, seed=5)
+    items = make_items(args.hf_dir)
+    packed = pack_mini_batch(items, PackingConfig(max_tokens_per_microbatch=512), dp_size=ctx.dp_size,
+                             tp_size=ctx.tp_size)
+    results = {}
+    params = {}
+    for recompute in (False, True):
+        actor_cfg = ActorConfig(dtype="float32", optim=OptimConfig(lr=1e-3, clip_grad=0.0),
+                                recompute_activations=recompute)
+        actor = MegatronActor.from_hf(args.hf_dir, actor_cfg, AlgorithmConfig(), total_optimizer_steps=2)
+        calls = {"decoder_layer": 0, "vision_block": 0}  # a recomputed module runs forward twice per step
+
+        def counter(name):
+            def hook(module, inputs):
+                calls[name] += 1
+            return hook
+
+        actor.module.language_model.decoder.layers[0].register_forward_pre_hook(counter("decoder_layer"))
+        actor.module.vision_model.blocks[0].register_forward_pre_hook(counter("vision_block"))
+        result = actor.update(packed.micro_batches[ctx.dp_rank], packed.loss_counts)
+        results[recompute] = {"grad_norm": result.grad_norm, "loss": result.metrics.get("loss"), "calls": calls}
+        params[recompute] = [p.detach().clone() for p in actor.module.parameters()]
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(params[False], params[True]))
+    moved = max(float(p.abs().max()) for p in params[False])
+    Path(args.out_dir, f"rank{ctx.rank}.json").write_text(json.dumps(
+        {"plain": results[False], "recompute": results[True], "param_max_abs_diff": max_diff, "param_max": moved,
+         "num_micro_batches": len(packed.micro_batches[ctx.dp_rank])}))
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
