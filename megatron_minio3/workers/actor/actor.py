@@ -7,6 +7,9 @@ torchrun in tests). Data-parallel ranks receive their own share of packed micro-
 GPU: megatron DDP + distributed optimizer, grad clipping inside the optimizer. CPU (gloo): megatron DDP + the
 plain megatron optimizer, clipped with `parallel.grad.clip_grad_norm_` (megatron's clip and distributed
 optimizer refuse CPU tensors).
+
+Colocated with rollout engines, `offload_to_host` / `reload_to_device` park this rank's params, grads and
+optimizer state in host memory between phases (workers/actor/offload.py; host-to-host on a CPU-only machine).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from megatron_minio3.models.qwen2_5_vl.model import ModelOptions, Qwen2_5_VLMode
 from megatron_minio3.packing.thd import PackedMicroBatch
 from megatron_minio3.parallel.grad import clip_grad_norm_
 from megatron_minio3.workers.actor.lr_schedule import build_lr_scheduler
+from megatron_minio3.workers.actor.offload import ActorStateOffloader, HostOffloader, OffloadStats, param_tensors
 from megatron_minio3.workers.actor.step import (
     ForwardOptions,
     TokenScores,
@@ -71,30 +75,41 @@ class UpdateResult:
 
 
 class ReferencePolicy:
-    """Frozen policy for KL log-probs; optionally parked in host memory between uses."""
+    """Frozen policy for KL log-probs; optionally parked in host memory between uses.
+
+    Parking frees the weights' device storages (host-to-host on a CPU-only machine, so the same code runs in
+    tests); the parameter objects stay where they are, and come back bit-identical for each use.
+    """
 
     def __init__(self, model: Qwen2_5_VLModel, use_te: bool, temperature: float, offload_to_host: bool):
         self.model = model
         self.model.requires_grad_(False)
         self.options = _forward_options(model, use_te, temperature)
-        self.offload_to_host = offload_to_host and self.options.device.type == "cuda"
+        self.offload_to_host = offload_to_host
+        self.host_offloader = HostOffloader(lambda: param_tensors(self.model))
         if self.offload_to_host:
-            self.model.cpu()
+            self.host_offloader.offload()
 
     @classmethod
-    def from_hf(cls, hf_dir: str | Path, dtype: str, *, temperature: float = 1.0, offload_to_host: bool = True):
+    def from_hf(cls, hf_dir: str | Path, dtype: str, *, temperature: float = 1.0, offload_to_host: bool = True,
+                load: str | Path | None = None):
+        """The HF checkpoint's policy, or, with `load`, the Megatron checkpoint there (read before parking)."""
+        from megatron_minio3.convert.megatron_checkpoint import load_megatron_checkpoint
+
         use_te = resolve_use_te(None)
         model = build_model_from_hf(hf_dir, ModelOptions(params_dtype=DTYPES[dtype], use_te=use_te))
+        if load:
+            load_megatron_checkpoint(model, load)
         return cls(model, use_te, temperature, offload_to_host)
 
     def compute_logprobs(self, micro_batches: list[PackedMicroBatch]) -> list[TokenScores] | None:
         if self.offload_to_host:
-            self.model.to(self.options.device)
+            self.host_offloader.reload()
         try:
             return forward_logprobs(self.model, micro_batches, self.options)
         finally:
             if self.offload_to_host:
-                self.model.cpu()
+                self.host_offloader.offload()
 
 
 class MegatronActor:
@@ -142,6 +157,7 @@ class MegatronActor:
             [self.model],
         )
         self.scheduler = build_lr_scheduler(self.optimizer, optim, total_optimizer_steps)
+        self.host_offloader = ActorStateOffloader(self.model, self.optimizer)
 
     @classmethod
     def from_hf(
@@ -162,6 +178,7 @@ class MegatronActor:
             freeze_vision=actor_cfg.freeze_vision_tower,
             freeze_merger=actor_cfg.freeze_merger,
             freeze_language_model=actor_cfg.freeze_language_model,
+            recompute_activations=actor_cfg.recompute_activations,
         )
         model = build_model_from_hf(hf_dir, options)
         return cls(
@@ -173,12 +190,31 @@ class MegatronActor:
     def module(self) -> Qwen2_5_VLModel:
         return self.model.module
 
+    def offload_to_host(self, *, params: bool = True, grads: bool = True, optimizer: bool = True
+                        ) -> dict[str, OffloadStats]:
+        """Moves the selected groups of this rank's state to host memory, freeing their device storages:
+        params (weights, DDP param buffers), grads (DDP grad buffers / main_grad), optimizer (Adam state and
+        fp32 main params). Groups already offloaded stay as they are. Returns what moved, per group."""
+        return self.host_offloader.offload(params=params, grads=grads, optimizer=optimizer)
+
+    def reload_to_device(self, *, params: bool = True, grads: bool = True, optimizer: bool = True
+                         ) -> dict[str, OffloadStats]:
+        """Brings the selected groups back, bit-identical; groups not offloaded stay as they are."""
+        return self.host_offloader.reload(params=params, grads=grads, optimizer=optimizer)
+
+    def _require_on_device(self, *groups: str) -> None:
+        offloaded = [name for name in groups if self.host_offloader.offloaded[name]]
+        if offloaded:
+            raise ValueError(f"the actor's {', '.join(offloaded)} are offloaded to host: call reload_to_device() first")
+
     def compute_logprobs(self, micro_batches: list[PackedMicroBatch]) -> list[TokenScores] | None:
         """Label-aligned log-probs/entropies per micro-batch on last-stage ranks (old log-probs), None elsewhere."""
+        self._require_on_device("params")
         return forward_logprobs(self.model, micro_batches, self.options)
 
     def update(self, micro_batches: list[PackedMicroBatch], loss_counts: LossCounts) -> UpdateResult:
         """One optimizer step on a mini-batch: this rank's micro-batches, the mini-batch's global counts."""
+        self._require_on_device("params", "grads", "optimizer")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = forward_backward_policy_loss(self.model, micro_batches, loss_counts, self.algorithm, self.options)
