@@ -2,6 +2,7 @@
 from megatron_minio3.config.loader import ConfigError, dump_yaml, load_config, parse_cli, to_dict
 from megatron_minio3.config.schema import (
     ActorConfig,
+    ClusterConfig,
     Config,
     OptimConfig,
     ParallelConfig,
@@ -11,6 +12,7 @@ from megatron_minio3.config.schema import (
 
 __all__ = [
     "ActorConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "OptimConfig",

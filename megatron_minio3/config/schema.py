@@ -33,6 +33,28 @@ class ParallelConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines a GPU run is planned for. Checked before launch (GPU count, placement, memory per GPU per
+    phase, see trainer/launch_plan.py); `python -m megatron_minio3.trainer.grpo --dry-run` prints the plan.
+    On a machine without CUDA (tests, the CPU demo) the run is single-host and these are not used."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0  # per GPU; the plan refuses a layout whose peak phase does not fit
+
+    def validate(self) -> None:
+        for name in ("num_nodes", "gpus_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cluster.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.gpu_memory_gb > 0:
+            raise ValueError(f"cluster.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -136,6 +158,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
 
