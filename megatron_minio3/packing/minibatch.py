@@ -23,6 +23,43 @@ class PackedMiniBatch:
         return sum(mb.num_real_tokens for rank in self.micro_batches for mb in rank)
 
 
+def balance_data_parallel(
+    lengths: list[int], config: PackingConfig, *, dp_size: int, tp_size: int = 1, cp_size: int = 1
+) -> list[list[int]]:
+    """Indices of the sequences each data-parallel rank trains on: `lengths` (tokens per sequence) balanced
+    over `dp_size` ranks by the a*L + b*L^2 workload of their padded slots (Karmarkar-Karp). Needs numbers
+    only: the controller plans a step with it before any tensor exists."""
+    config.validate()
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    multiple = padding_multiple(tp_size, cp_size)
+    workloads = [
+        sequence_workload(padded_length(n, multiple), config.workload_linear_coef, config.workload_quadratic_coef)
+        for n in lengths
+    ]
+    return karmarkar_karp(workloads, dp_size)
+
+
+def pack_rank_share(
+    items: list[PackingItem],
+    indices: list[int],
+    config: PackingConfig,
+    *,
+    tp_size: int = 1,
+    cp_size: int = 1,
+    pad_token_id: int = 0,
+) -> list[PackedMicroBatch]:
+    """One data-parallel rank's sequences packed into micro-batches of at most
+    `config.max_tokens_per_microbatch` tokens (padding included); `indices[i]` labels `items[i]` in the
+    micro-batches' sample_indices. Every sequence lies whole in one micro-batch."""
+    multiple = padding_multiple(tp_size, cp_size)
+    plan = plan_micro_batches([padded_length(item.length, multiple) for item in items], config.max_tokens_per_microbatch)
+    return [
+        pack_sequences([items[i] for i in local], [indices[i] for i in local], multiple, pad_token_id)
+        for local in plan
+    ]
+
+
 def pack_mini_batch(
     items: list[PackingItem],
     config: PackingConfig,
@@ -34,32 +71,22 @@ def pack_mini_batch(
     image_token_id: int | None = None,
     spatial_merge_size: int = 2,
 ) -> PackedMiniBatch:
-    """Balance `items` over `dp_size` ranks by the a*L + b*L^2 workload, then pack each rank's share into
-    micro-batches of at most `config.max_tokens_per_microbatch` tokens (padding included).
+    """Balance `items` over `dp_size` ranks (balance_data_parallel), then pack each rank's share into
+    micro-batches (pack_rank_share): the two halves in one process, for callers holding all the data.
 
-    Every sequence lies whole in one micro-batch. With `image_token_id`, every item's image placeholders are
-    checked against its images first.
+    With `image_token_id`, every item's image placeholders are checked against its images first.
     """
-    config.validate()
-    if dp_size < 1:
-        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
     if image_token_id is not None:
         for item in items:
             item.check_image_tokens(image_token_id, spatial_merge_size)
-    multiple = padding_multiple(tp_size, cp_size)
-    slot_lengths = [padded_length(item.length, multiple) for item in items]
-    workloads = [
-        sequence_workload(n, config.workload_linear_coef, config.workload_quadratic_coef) for n in slot_lengths
+    rank_shares = balance_data_parallel(
+        [item.length for item in items], config, dp_size=dp_size, tp_size=tp_size, cp_size=cp_size
+    )
+    micro_batches = [
+        pack_rank_share([items[i] for i in share], share, config, tp_size=tp_size, cp_size=cp_size,
+                        pad_token_id=pad_token_id)
+        for share in rank_shares
     ]
-    rank_shares = karmarkar_karp(workloads, dp_size)
-    micro_batches: list[list[PackedMicroBatch]] = []
-    for share in rank_shares:
-        plan = plan_micro_batches([slot_lengths[i] for i in share], config.max_tokens_per_microbatch)
-        rank_micro_batches = []
-        for local_indices in plan:
-            indices = [share[i] for i in local_indices]
-            rank_micro_batches.append(pack_sequences([items[i] for i in indices], indices, multiple, pad_token_id))
-        micro_batches.append(rank_micro_batches)
     counts = [mb.loss_counts() for rank in micro_batches for mb in rank]
     return PackedMiniBatch(
         micro_batches=micro_batches,

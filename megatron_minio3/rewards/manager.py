@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from megatron_minio3.config.reward import RewardConfig
@@ -225,9 +226,10 @@ def _log_failures(inputs: list[RewardInput], results: list[RewardResult], valida
     )
 
 
-def reward_metrics_by_source(inputs: list[RewardInput], results: list[RewardResult]) -> dict[str, float]:
+def reward_metrics_by_source(inputs: Sequence[RewardInput], results: Sequence[RewardResult]) -> dict[str, float]:
     """Logging metrics: for each data_source `reward/<source>/{mean,accuracy,format,num_failed,num_samples}`
-    and the same over all samples as `reward/{mean,...}`.
+    and the same over all samples as `reward/{mean,...}`. Only `data_source` is read from `inputs` (the
+    controller passes trajectory summaries, which have it too).
 
     `mean` and `accuracy` average the samples with a finite score: failed validation samples count as 0,
     failed training samples (NaN, their group is dropped) are left out and show in `num_failed`.

@@ -38,7 +38,13 @@ from megatron_minio3.rollout.crop_tool import (
     resize_for_processor,
 )
 from megatron_minio3.rollout.tokens import TurnTokenizer, VisionSpec, expand_image_pads
-from megatron_minio3.rollout.trajectory import Trajectory, TrajectoryImage, TurnRecord, ends_with_answer
+from megatron_minio3.rollout.trajectory import (
+    Trajectory,
+    TrajectoryImage,
+    TrajectorySummary,
+    TurnRecord,
+    ends_with_answer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,26 +127,33 @@ class RolloutBatch:
 
     def metrics(self) -> dict[str, float]:
         """Batch-level rollout metrics (means over trajectories, counts, throughput)."""
-        trajs = self.trajectories
-        count = max(len(trajs), 1)
-        num_generated = sum(traj.num_generated_tokens for traj in trajs)
-        metrics = {
-            "rollout/num_trajectories": float(len(trajs)),
-            "rollout/num_skipped_prompts": float(len(self.skipped)),
-            "rollout/num_turns_mean": sum(t.num_turns for t in trajs) / count,
-            "rollout/num_tool_calls_mean": sum(t.num_tool_calls for t in trajs) / count,
-            "rollout/num_tool_errors_mean": sum(t.num_tool_errors for t in trajs) / count,
-            "rollout/exceed_rate": sum(t.exceed for t in trajs) / count,
-            "rollout/void_rate": sum(t.void for t in trajs) / count,
-            "rollout/truncated_rate": sum(t.truncated for t in trajs) / count,
-            "rollout/generated_tokens_mean": num_generated / count,
-            "rollout/sequence_length_mean": sum(len(t.token_ids) for t in trajs) / count,
-            "rollout/wall_s": self.wall_s,
-            "rollout/generated_tokens_per_s": num_generated / self.wall_s if self.wall_s > 0 else 0.0,
-        }
-        for reason, number in Counter(s.reason for s in self.skipped).items():
-            metrics[f"rollout/skipped_{reason}"] = float(number)
-        return metrics
+        return rollout_metrics([traj.summary() for traj in self.trajectories],
+                               [s.reason for s in self.skipped], self.wall_s)
+
+
+def rollout_metrics(
+    summaries: Sequence[TrajectorySummary], skipped_reasons: Sequence[str], wall_s: float
+) -> dict[str, float]:
+    """rollout/* metrics of a batch from its trajectories' summaries and the reasons prompts were skipped."""
+    count = max(len(summaries), 1)
+    num_generated = sum(t.num_generated_tokens for t in summaries)
+    metrics = {
+        "rollout/num_trajectories": float(len(summaries)),
+        "rollout/num_skipped_prompts": float(len(skipped_reasons)),
+        "rollout/num_turns_mean": sum(t.num_turns for t in summaries) / count,
+        "rollout/num_tool_calls_mean": sum(t.num_tool_calls for t in summaries) / count,
+        "rollout/num_tool_errors_mean": sum(t.num_tool_errors for t in summaries) / count,
+        "rollout/exceed_rate": sum(t.exceed for t in summaries) / count,
+        "rollout/void_rate": sum(t.void for t in summaries) / count,
+        "rollout/truncated_rate": sum(t.truncated for t in summaries) / count,
+        "rollout/generated_tokens_mean": num_generated / count,
+        "rollout/sequence_length_mean": sum(t.sequence_length for t in summaries) / count,
+        "rollout/wall_s": wall_s,
+        "rollout/generated_tokens_per_s": num_generated / wall_s if wall_s > 0 else 0.0,
+    }
+    for reason, number in Counter(skipped_reasons).items():
+        metrics[f"rollout/skipped_{reason}"] = float(number)
+    return metrics
 
 
 @dataclass

@@ -254,6 +254,23 @@ class VllmEngine:
         self._call(_reset_caches)
 
     def _reload(self, bucket: list[tuple[str, Any]]) -> None:
+        """One vLLM in-place reload call. vLLM checks every call against the whole model and warns about each
+        module the call did not bring ("Failed to load weights", one line per module, then every parameter name
+        in "Following weights were not loaded"): the normal case when a sync spans several calls, ~70 lines and
+        ~5 % of a CPU sync per call. Those two warnings are dropped unless vLLM logs at DEBUG level."""
+
+        def partial_reload_noise(record: logging.LogRecord) -> bool:
+            message = str(record.msg)
+            return logging.getLogger("vllm").isEnabledFor(logging.DEBUG) or not (
+                message.endswith("Failed to load weights") or message.startswith("Following weights were not loaded")
+            )
+
+        partial_reload_noise.minio3_partial_reload = True  # type: ignore[attr-defined]
+        for name in ("vllm.model_executor.model_loader.reload.layerwise",
+                     "vllm.model_executor.model_loader.reload.inplace"):
+            reload_logger = logging.getLogger(name)
+            if not any(getattr(f, "minio3_partial_reload", False) for f in reload_logger.filters):
+                reload_logger.addFilter(partial_reload_noise)
         self._call(lambda engine: engine.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket}))
 
     @property
@@ -265,16 +282,18 @@ class VllmEngine:
     def sleep(self, level: int = 1) -> bool:
         """Free accelerator memory between rollout phases; False (and nothing done) where unsupported."""
         if not self.supports_sleep:
-            logger.info("sleep mode unavailable here (rollout.enable_sleep_mode=%s); engine stays awake",
+            logger.debug("sleep mode unavailable here (rollout.enable_sleep_mode=%s); engine stays awake",
                         self.cfg.enable_sleep_mode)
             return False
         self._call(lambda engine: engine.sleep(level))
         return True
 
-    def wake_up(self) -> bool:
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Bring back what sleep freed: tags=["weights"] first (room to load new weights), then
+        ["kv_cache"]; None brings back everything. False (and nothing done) where sleep is unsupported."""
         if not self.supports_sleep:
             return False
-        self._call(lambda engine: engine.wake_up())
+        self._call(lambda engine: engine.wake_up(list(tags) if tags is not None else None))
         return True
 
     def shutdown(self) -> None:

@@ -100,6 +100,37 @@ class Trajectory:
     def image_grid_thw(self) -> list[tuple[int, int, int]]:
         return [image.grid_thw for image in self.images]
 
+    def summary(self) -> TrajectorySummary:
+        return TrajectorySummary(
+            data_source=self.data_source,
+            num_turns=self.num_turns,
+            num_tool_calls=self.num_tool_calls,
+            num_tool_errors=self.num_tool_errors,
+            exceed=self.exceed,
+            void=self.void,
+            truncated=self.truncated,
+            num_generated_tokens=self.num_generated_tokens,
+            sequence_length=len(self.token_ids),
+            attention_length=self.attention_length,
+        )
+
+
+@dataclass(frozen=True)
+class TrajectorySummary:
+    """The numbers of a trajectory that metrics and the controller's decisions need: no tokens, no images.
+    This is what leaves a rollout worker for the driver (workers/placement.py)."""
+
+    data_source: str
+    num_turns: int
+    num_tool_calls: int
+    num_tool_errors: int
+    exceed: bool
+    void: bool
+    truncated: bool
+    num_generated_tokens: int
+    sequence_length: int  # len(token_ids)
+    attention_length: int  # the tokens the trainer attends
+
 
 def validate_trajectory(traj: Trajectory, *, image_pad_id: int, merge_size: int = 2) -> None:
     """Raise ValueError when the record breaks an invariant the trainer relies on."""

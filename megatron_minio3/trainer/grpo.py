@@ -1,29 +1,32 @@
-"""GRPO for Qwen2.5-VL with the crop tool: the controller. It only orchestrates; the work happens in the
-actor ranks and rollout engines (workers/), the math in algorithms/, the packing in packing/.
+"""GRPO for Qwen2.5-VL with the crop tool: the controller. It only orchestrates and decides; the data lives in
+the workers (workers/), the math in algorithms/, the packing in packing/.
 
     python -m megatron_minio3.trainer.grpo --config configs/demo_cpu.yaml [key=value ...]
+    python -m megatron_minio3.trainer.grpo --config configs/qwen2_5_vl_7b_grpo.yaml --dry-run [key=value ...]
 
-One step: prompts -> n rollouts each -> rewards -> dynamic sampling (more rounds until train_batch_size
-groups with a learning signal, or trainer.max_generation_rounds) -> advantages, exceed mask, packing ->
-old (and reference) log-probs -> one optimizer step per mini-batch -> weight sync into the engines ->
-parity probe -> evaluation every trainer.eval_every steps -> log -> checkpoint every trainer.save_every steps. Every user mistake raises ValueError in
-`prepare`, before Ray or any worker starts. See docs/trainer.md.
+One step, as calls on the workers: generation rounds (each rollout handle rolls out, scores and groups its
+prompts and returns numbers) until train_batch_size groups with a learning signal (dynamic sampling) ->
+the controller plans the mini-batches and the data-parallel split from those numbers -> the actor ranks
+receive their sequences straight from the rollout handles and run old (and reference) log-probs and one
+optimizer step per mini-batch -> weight sync into every engine -> parity probe on every engine ->
+evaluation every trainer.eval_every steps -> log -> checkpoint every trainer.save_every steps.
+Every user mistake raises ValueError in `prepare`, before Ray or any worker starts; `--dry-run` stops
+there and prints the launch plan. See docs/trainer.md.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_minio3.config import Config, parse_cli
 from megatron_minio3.data.minio3_json import Prompt
-from megatron_minio3.trainer.batch import SampleGroup
 from megatron_minio3.trainer.checkpoint import CheckpointManager
 from megatron_minio3.trainer.logging import PhaseTimer
-from megatron_minio3.weights.probe import ParityProbe, ProbePrompt
+from megatron_minio3.trainer.step_plan import Collection
+from megatron_minio3.weights.probe import ProbePrompt
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +37,25 @@ class RunPlan:
 
     prompts: list[Prompt]
     probe_prompts: list[Prompt]  # the first weights.probe_num_prompts (none when the probe is off)
-    parity: ParityProbe | None  # reports the probe (the rollout side runs its own from the same prompts)
     checkpoints: CheckpointManager
     resume_from: Path | None
 
 
-def prepare(cfg: Config) -> RunPlan:
-    """All checks that need no worker: ValueError naming the key at fault."""
+def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
+    """All checks that need no worker: ValueError naming the key at fault. With CUDA (or `dry_run`) that includes
+    the launch plan (trainer/launch_plan.py: GPUs, placement per node, memory per GPU per phase), which
+    `dry_run` prints."""
     from megatron_minio3.data.images import ImageLoadError
     from megatron_minio3.data.minio3_json import read_datasets
     from megatron_minio3.packing import padded_length, padding_multiple
+    from megatron_minio3.parallel.cpu_compat import cuda_available
     from megatron_minio3.rewards.manager import RewardManager
+    from megatron_minio3.trainer.launch_plan import (
+        build_launch_plan,
+        check_launch_plan,
+        format_launch_plan,
+        load_hf_config_json,
+    )
 
     if not cfg.model or not Path(cfg.model, "config.json").is_file():
         raise ValueError(f"model: {cfg.model!r} is not an HF Qwen2.5-VL checkpoint directory (no config.json)")
@@ -55,14 +66,12 @@ def prepare(cfg: Config) -> RunPlan:
         raise ValueError(f"data.train_files: {cfg.data.train_files} hold no prompt")
     if cfg.rollout.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for training (sampling), got {cfg.rollout.temperature}")
-    if cfg.trainer.rollout_placement == "hybrid":
-        if cfg.parallel.world_size != 1:
-            raise ValueError(
-                f"trainer.rollout_placement=hybrid runs vLLM inside the single actor process, but parallel gives "
-                f"{cfg.parallel.world_size} ranks; use trainer.rollout_placement=separate"
-            )
-        if cfg.rollout.tensor_parallel_size != 1:
-            raise ValueError("rollout.tensor_parallel_size must be 1 with trainer.rollout_placement=hybrid")
+    check_placement(cfg)
+    if dry_run or cuda_available():
+        launch = build_launch_plan(cfg, load_hf_config_json(cfg.model))
+        if dry_run:
+            print(format_launch_plan(launch), flush=True)
+        check_launch_plan(launch)
     longest = padded_length(cfg.rollout.max_total_tokens, padding_multiple(cfg.parallel.tp, cfg.parallel.cp))
     if cfg.actor.packing.max_tokens_per_microbatch < longest:
         raise ValueError(
@@ -98,23 +107,45 @@ def prepare(cfg: Config) -> RunPlan:
         )
     probe_prompts = prompts[: cfg.weights.probe_num_prompts if cfg.weights.probe_every else 0]
     try:
-        parity = ParityProbe(
-            [ProbePrompt.from_prompt(p) for p in probe_prompts], max_tokens=cfg.weights.probe_max_tokens,
-            warn_mean_abs_diff=cfg.weights.probe_warn_mean_abs_diff,
-        ) if probe_prompts else None
+        for prompt in probe_prompts:
+            ProbePrompt.from_prompt(prompt)  # the rollout handles load these images again
     except ImageLoadError as err:
         raise ValueError(f"weights.probe_num_prompts: the probe uses the first training prompts, and {err}") from None
-    return RunPlan(prompts, probe_prompts, parity, checkpoints, latest)
+    return RunPlan(prompts, probe_prompts, checkpoints, latest)
+
+
+def check_placement(cfg: Config) -> None:
+    """Where the engines go (workers/placement.py) and the memory keys that only mean something there."""
+    from megatron_minio3.parallel.cpu_compat import cuda_available
+
+    ranks, engine_tp = cfg.parallel.world_size, cfg.rollout.tensor_parallel_size
+    if cfg.trainer.rollout_placement == "hybrid":
+        if ranks % engine_tp:
+            raise ValueError(
+                f"rollout.tensor_parallel_size ({engine_tp}) must divide the actor's {ranks} ranks "
+                f"(parallel: tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x cp {cfg.parallel.cp} x dp {cfg.parallel.dp}) "
+                "with trainer.rollout_placement=hybrid: each engine spans that many actor ranks"
+            )
+        if engine_tp > 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={engine_tp} with trainer.rollout_placement=hybrid: engines spanning "
+                "several actor ranks are not implemented yet; use 1 (one engine per rank, rollout data parallelism "
+                f"{ranks}) or trainer.rollout_placement=separate"
+            )
+        return
+    for key, value in (("actor.offload_to_host_between_phases", cfg.actor.offload_to_host_between_phases),
+                       ("rollout.enable_sleep_mode", cfg.rollout.enable_sleep_mode)):
+        if value:
+            raise ValueError(f"{key} frees memory for engines that share the actor's devices; with "
+                             "trainer.rollout_placement=separate they have their own: set it to false")
+    if not cuda_available() and engine_tp != 1:
+        raise ValueError("rollout.tensor_parallel_size must be 1 on a machine without CUDA (vLLM CPU engines)")
 
 
 class GRPOTrainer:
     def __init__(self, cfg: Config, plan: RunPlan):
         import ray
-        from transformers import AutoConfig
 
-        from megatron_minio3.rewards.manager import RewardManager
-        from megatron_minio3.rollout.tokens import load_vision_spec
-        from megatron_minio3.trainer.batch import ImageEncoder
         from megatron_minio3.trainer.logging import MetricsLogger
         from megatron_minio3.trainer.sampler import PromptSampler
         from megatron_minio3.workers.placement import start_workers
@@ -123,18 +154,13 @@ class GRPOTrainer:
         self.plan = plan
         self.run_dir = Path(cfg.trainer.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.reward = RewardManager(cfg.reward)
         self.sampler = PromptSampler(plan.prompts, cfg.trainer.seed)
-        self.images = ImageEncoder(cfg.model)
-        self.vision = load_vision_spec(cfg.model)
-        self.image_token_id = AutoConfig.from_pretrained(cfg.model).image_token_id
         self.step = 0
         self.num_optimizer_steps = 0
         resumed = plan.checkpoints.read_state(plan.resume_from) if plan.resume_from else None
         start_step = resumed["step"] if resumed else 0
         mini_batches_per_step = -(-cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size)
         total_optimizer_steps = cfg.trainer.total_steps * cfg.actor.ppo_epochs * mini_batches_per_step
-        self.parity = plan.parity
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(num_cpus=max(_cpu_count(), cfg.parallel.world_size + cfg.trainer.num_rollout_workers),
@@ -147,6 +173,7 @@ class GRPOTrainer:
             print(f"starting {cfg.parallel.world_size} actor rank(s), rollout placement "
                   f"{cfg.trainer.rollout_placement} ...", flush=True)
             self.workers = start_workers(cfg, total_optimizer_steps, plan.probe_prompts, seed_offset=start_step)
+            print(f"{len(self.workers.rollout)} rollout handle(s) ready", flush=True)
             if resumed:
                 self._restore(plan.resume_from, resumed)
             elif cfg.actor.load:  # the engines started from the HF checkpoint, the actor from actor.load
@@ -159,21 +186,34 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> None:
+        from megatron_minio3.trainer.step_plan import plan_step
+
         cfg = self.cfg.trainer
-        if self.parity is not None and self.step < cfg.total_steps:
-            baseline = self.probe()
+        probing = bool(self.plan.probe_prompts)
+        if probing and self.step < cfg.total_steps:
+            baseline = self.workers.probe()
             print(f"parity probe before step {self.step + 1}: mean |logp_train - logp_rollout| = "
-                  f"{baseline['probe/mean_abs_logprob_diff']:.2e}", flush=True)
+                  f"{baseline['probe/mean_abs_logprob_diff']:.2e} (worst of {baseline['probe/num_engines']:.0f} "
+                  "engine(s))", flush=True)
             self.logger.log_event("probe", self.step, baseline)
         for step in range(self.step + 1, cfg.total_steps + 1):
             timer = PhaseTimer()
             with timer("step"):
-                groups, metrics = self.collect(step, timer)
-                if groups:
-                    metrics.update(self.train(groups, timer))
-                if self.parity is not None and step % self.cfg.weights.probe_every == 0:
+                collection = self.collect(step, timer)
+                metrics = collection.metrics()
+                if collection.kept:
+                    step_plan = plan_step(collection.kept, self.cfg.actor.ppo_mini_batch_size,
+                                          self.cfg.actor.packing, self.cfg.parallel)
+                    logger.info("step %d: %d sequences in %d mini-batch(es)", step, step_plan.num_sequences,
+                                len(step_plan.mini_batches))
+                    with timer("train"):
+                        metrics.update(self.workers.train(step_plan))
+                    self.num_optimizer_steps += int(metrics["actor/num_updates"])
+                    with timer("sync"):
+                        metrics.update(self.workers.sync_weights())
+                if probing and step % self.cfg.weights.probe_every == 0:
                     with timer("probe"):
-                        metrics.update(self.probe())
+                        metrics.update(self.workers.probe())
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
                     with timer("eval"):
                         metrics.update(self.evaluate(step))
@@ -189,131 +229,23 @@ class GRPOTrainer:
             print("\n== GRPO run summary ==\n" + "\n".join(summary_lines(read_metrics(path), path,
                                                                           self.plan.checkpoints.latest())), flush=True)
 
-    def collect(self, step: int, timer: PhaseTimer) -> tuple[list[SampleGroup], dict[str, float]]:
+    def collect(self, step: int, timer: PhaseTimer) -> Collection:
         """Generation rounds until train_batch_size groups with a learning signal (dynamic sampling)."""
-        from megatron_minio3.rewards.manager import reward_metrics_by_source
-        from megatron_minio3.rollout.agent_loop import RolloutBatch
-        from megatron_minio3.trainer.batch import group_by_prompt, groups_to_keep
-        from megatron_minio3.trainer.eval import to_reward_input
+        from megatron_minio3.trainer.step_plan import Collection
 
         cfg = self.cfg
         batch_size = cfg.trainer.train_batch_size
         max_rounds = cfg.trainer.max_generation_rounds if cfg.algorithm.dynamic_sampling else 1
-        kept: list[SampleGroup] = []
-        trajectories, skipped, inputs, results, dropped = [], [], [], [], Counter()
-        num_rounds = num_groups = 0
-        generate_s = 0.0
-        while len(kept) < batch_size and num_rounds < max_rounds:
-            num_rounds += 1
+        collection = Collection(batch_size)
+        while not collection.full and collection.num_rounds < max_rounds:
             logger.info("step %d: generation round %d: %d prompts x %d samples (%d of %d groups kept so far)",
-                        step, num_rounds, batch_size, cfg.rollout.n, len(kept), batch_size)
+                        step, collection.num_rounds + 1, batch_size, cfg.rollout.n, len(collection.kept), batch_size)
             with timer("generate"):
-                batch = self.workers.generate(self.sampler.next(batch_size), cfg.rollout.n)
-            with timer("reward"):
-                round_inputs = [to_reward_input(traj) for traj in batch.trajectories]
-                round_results = self.reward.score_sync(
-                    round_inputs, validation=False, step=step - 1, total_steps=cfg.trainer.total_steps
-                )
-            drop = self.reward.drop_mask(round_results, validation=False)
-            groups = group_by_prompt(batch.trajectories, round_results)
-            keep = groups_to_keep(groups, drop, cfg.algorithm)
-            offset = 0
-            for group, keep_group in zip(groups, keep):
-                size = len(group.trajectories)
-                if keep_group:
-                    kept.append(group)
-                else:
-                    dropped["reward_failed" if any(drop[offset : offset + size]) else "no_reward_spread"] += 1
-                offset += size
-            num_groups += len(groups)
-            trajectories += batch.trajectories
-            skipped += batch.skipped
-            inputs += round_inputs
-            results += round_results
-            generate_s += batch.wall_s
-        if len(kept) < batch_size:
+                collection.add_round(self.workers.generate_round(self.sampler.next(batch_size), step))
+        if not collection.full:
             logger.warning("step %d: %d of %d groups with a learning signal after %d generation round(s); training on "
-                           "those", step, len(kept), batch_size, num_rounds)
-        metrics = {
-            **RolloutBatch(trajectories, skipped, generate_s).metrics(),
-            **(reward_metrics_by_source(inputs, results) if inputs else {}),
-            "sampling/num_rounds": float(num_rounds),
-            "sampling/num_groups": float(num_groups),
-            "sampling/num_kept_groups": float(min(len(kept), batch_size)),
-            "sampling/num_dropped_groups": float(sum(dropped.values())),
-            "sampling/num_dropped_no_reward_spread": float(dropped["no_reward_spread"]),
-            "sampling/num_dropped_reward_failed": float(dropped["reward_failed"]),
-        }
-        return kept[:batch_size], metrics
-
-    def train(self, groups: list[SampleGroup], timer: PhaseTimer) -> dict[str, float]:
-        """Pack, old (and reference) log-probs, one optimizer step per mini-batch, weight sync."""
-        from megatron_minio3.trainer.batch import pack_mini_batches, training_items
-
-        cfg = self.cfg
-        with timer("pack"):
-            items = training_items(groups, cfg.algorithm, self.images, self.vision, self.image_token_id)
-            self.images.clear()
-            mini_batches = pack_mini_batches(
-                items, [len(g.trajectories) for g in groups], cfg.actor.ppo_mini_batch_size, cfg.actor.packing,
-                cfg.parallel, image_token_id=self.image_token_id, spatial_merge_size=self.vision.merge_size,
-            )
-            shares = [[(mb.micro_batches[d], mb.loss_counts) for mb in mini_batches] for d in range(cfg.parallel.dp)]
-        logger.info("step %d: %d sequences in %d mini-batch(es): old log-probs, then %d epoch(s) of updates",
-                    self.step + 1, len(items), len(mini_batches), cfg.actor.ppo_epochs)
-        self.workers.call_per_dp_rank("load_batch", shares)
-        with timer("old_logprobs"):
-            diffs = self.workers.results(self.workers.call("compute_logprobs", "old_logprobs"))
-        if cfg.use_reference_model:
-            with timer("ref_logprobs"):
-                self.workers.call("compute_logprobs", "ref_logprobs")
-        updates = []
-        with timer("update"):
-            for _ in range(cfg.actor.ppo_epochs):
-                for index, mini_batch in enumerate(mini_batches):
-                    if mini_batch.loss_counts.num_tokens == 0:  # every sequence exceeded: nothing to learn
-                        continue
-                    updates.append(self.workers.results(self.workers.call("update", index))[0])
-        self.workers.call("drop_batch")
-        self.num_optimizer_steps += len(updates)
-        num_tokens = sum(d["num_tokens"] for d in diffs)
-        metrics = {
-            "actor/num_updates": float(len(updates)),
-            "actor/num_sequences": float(len(items)),
-            "actor/num_loss_tokens": float(sum(mb.loss_counts.num_tokens for mb in mini_batches)),
-            "actor/rollout_logprob_diff": sum(d["abs_diff_sum"] for d in diffs) / max(num_tokens, 1),
-            "actor/rollout_logprob_diff_max": max(d["abs_diff_max"] for d in diffs),
-        }
-        if updates:
-            for name in updates[0]:
-                metrics[f"actor/{name}"] = sum(u[name] for u in updates) / len(updates)
-            metrics["actor/grad_norm_max"] = max(u["grad_norm"] for u in updates)
-            metrics["actor/lr"] = updates[-1]["lr"]
-            with timer("sync"):
-                metrics.update(self.workers.sync_weights())
-        return metrics
-
-    def probe(self) -> dict[str, float]:
-        """The engine's greedy probe sequences, scored by the actor (weights/probe.py)."""
-        from megatron_minio3.packing import pack_mini_batch
-        from megatron_minio3.weights.probe import ParityProbe
-
-        cfg = self.cfg
-        sequences = self.workers.probe_rollout()
-        items = ParityProbe.packing_items(
-            sequences, self.images.processor, image_token_id=self.image_token_id,
-            spatial_merge_size=self.vision.merge_size,
-        )
-        padded = [items[i % len(items)] for i in range(max(len(items), cfg.parallel.dp))]  # >= 1 per dp rank
-        packed = pack_mini_batch(padded, cfg.actor.packing, dp_size=cfg.parallel.dp, tp_size=cfg.parallel.tp,
-                                 cp_size=cfg.parallel.cp)
-        scored = {}
-        for share in self.workers.results(self.workers.call_per_dp_rank("score", packed.micro_batches)):
-            scored.update(share)
-        metrics = self.parity.report(sequences, [scored[i] for i in range(len(items))])  # warns on a mismatch
-        rollout_logprobs = [lp for seq in sequences for lp in seq.rollout_logprobs]
-        metrics["probe/rollout_logprob_mean"] = sum(rollout_logprobs) / len(rollout_logprobs)  # tracks the weights
-        return metrics
+                           "those", step, len(collection.kept), batch_size, collection.num_rounds)
+        return collection
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Avg@k and pass@k per data_source on data.val_files (eval.*), under <output_dir>/eval/step_N."""
@@ -330,7 +262,7 @@ class GRPOTrainer:
 
     def save(self) -> Path:
         def write_shards(directory: str) -> list[dict]:
-            return self.workers.call("save_checkpoint", directory)
+            return self.workers.save_checkpoint(directory)
 
         state = {"step": self.step, "num_optimizer_steps": self.num_optimizer_steps,
                  "sampler": self.sampler.state_dict(), "layout": _layout(self.cfg)}
@@ -339,7 +271,7 @@ class GRPOTrainer:
         return path
 
     def _restore(self, path: Path, state: dict) -> None:
-        fingerprints = self.workers.call("load_checkpoint", str(path))
+        fingerprints = self.workers.load_checkpoint(str(path))
         if state["layout"] == _layout(self.cfg) and fingerprints != state["actor_fingerprint"]:
             raise RuntimeError(f"{path}: the actor state after loading differs from the one saved "
                                f"({fingerprints} != {state['actor_fingerprint']})")
@@ -373,12 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_minio3.workers.placement import WorkerCrashed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    dry_run = "--dry-run" in args
     try:
-        cfg = parse_cli(sys.argv[1:] if argv is None else argv)
-        plan = prepare(cfg)
+        cfg = parse_cli([arg for arg in args if arg != "--dry-run"])
+        plan = prepare(cfg, dry_run=dry_run)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if dry_run:
+        print("dry run: every pre-launch check passed; nothing was started", flush=True)
+        return 0
     if plan.resume_from is not None:
         done = plan.checkpoints.read_state(plan.resume_from)["step"]
         if done >= cfg.trainer.total_steps:

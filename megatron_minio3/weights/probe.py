@@ -162,14 +162,44 @@ class ParityProbe:
         """Metrics from the actor's token-aligned log-probs of each sequence (entry i scores token i);
         logs a warning when the mean absolute difference exceeds the threshold."""
         metrics = parity_metrics(sequences, token_logprobs)
-        mean = metrics[f"{METRIC_PREFIX}mean_abs_logprob_diff"]
-        if mean > self.warn_mean_abs_diff:
-            logger.warning(
-                "rollout/trainer log-prob mismatch: mean |diff| %.4g > %.4g (max %.4g over %d tokens); check the "
-                "weight sync and the engine's dtype/kernels", mean, self.warn_mean_abs_diff,
-                metrics[f"{METRIC_PREFIX}max_abs_logprob_diff"], int(metrics[f"{METRIC_PREFIX}num_tokens"]),
-            )
+        _warn_on_mismatch(metrics, self.warn_mean_abs_diff, "")
         return metrics
+
+
+def _warn_on_mismatch(metrics: dict[str, float], threshold: float, where: str) -> None:
+    mean = metrics[f"{METRIC_PREFIX}mean_abs_logprob_diff"]
+    if mean > threshold:
+        logger.warning(
+            "rollout/trainer log-prob mismatch%s: mean |diff| %.4g > %.4g (max %.4g over %d tokens); check the "
+            "weight sync and the engine's dtype/kernels", where, mean, threshold,
+            metrics[f"{METRIC_PREFIX}max_abs_logprob_diff"], int(metrics[f"{METRIC_PREFIX}num_tokens"]),
+        )
+
+
+def engine_probe_metrics(per_engine: dict[int, dict[str, float]], warn_mean_abs_diff: float) -> dict[str, float]:
+    """The probe over several engines (each engine's metrics from parity_metrics plus its
+    `probe/rollout_logprob_mean`): the worst engine's mean and max |diff| as probe/mean_abs_logprob_diff and
+    probe/max_abs_logprob_diff, tokens summed, the engines' mean rollout log-prob, and every engine's own
+    mean as probe/engine_<i>/mean_abs_logprob_diff. Warns per engine above the threshold."""
+    if not per_engine:
+        raise ValueError("no engine reported a probe")
+    for index, metrics in sorted(per_engine.items()):
+        _warn_on_mismatch(metrics, warn_mean_abs_diff, f" on engine {index}")
+    engines = [per_engine[i] for i in sorted(per_engine)]
+    mean_key, max_key = f"{METRIC_PREFIX}mean_abs_logprob_diff", f"{METRIC_PREFIX}max_abs_logprob_diff"
+    worst = max(m[mean_key] for m in engines)
+    out = {
+        mean_key: worst,
+        max_key: max(m[max_key] for m in engines),
+        f"{METRIC_PREFIX}exp_mean_abs_logprob_diff": math.exp(worst),
+        f"{METRIC_PREFIX}num_tokens": sum(m[f"{METRIC_PREFIX}num_tokens"] for m in engines),
+        f"{METRIC_PREFIX}num_engines": float(len(engines)),
+        f"{METRIC_PREFIX}rollout_logprob_mean": sum(m[f"{METRIC_PREFIX}rollout_logprob_mean"] for m in engines)
+        / len(engines),
+    }
+    for index in sorted(per_engine):
+        out[f"{METRIC_PREFIX}engine_{index}/mean_abs_logprob_diff"] = per_engine[index][mean_key]
+    return out
 
 
 def parity_metrics(sequences: Sequence[ProbeSequence], token_logprobs: Sequence[torch.Tensor]) -> dict[str, float]:

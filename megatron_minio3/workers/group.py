@@ -3,7 +3,9 @@
 The controller calls a method on every rank at once (`group.call("step", batch)`) and gets the per-rank
 results back in rank order. Each actor gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
 before anything imports torch.distributed, so `megatron_minio3.parallel.init_parallel` works inside it
-exactly as under torchrun.
+exactly as under torchrun. The rendezvous address is rank 0's node (its IP and a free port there), so ranks
+may span nodes. `bundles` pins rank r to a placement-group bundle (workers/placement.py keeps a tensor-parallel
+group and its engine inside one node that way).
 """
 from __future__ import annotations
 
@@ -17,18 +19,25 @@ from megatron_minio3.parallel import ParallelContext, free_port
 class RankWorker:
     """Base class of Megatron rank actors. Subclasses add the work (actor/ref steps, weight export)."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, env: dict[str, str]):
+    def __init__(self, rank: int, world_size: int, env: dict[str, str], local_rank: int):
         os.environ.update(env)
         os.environ.update(
             RANK=str(rank),
             WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(world_size),
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
+            LOCAL_RANK=str(local_rank),
         )
         self.rank = rank
         self.ctx: ParallelContext | None = None
+
+    def rendezvous_address(self, loopback: bool) -> tuple[str, int]:
+        """Rank 0: this node's address and a free port on it, where the others meet."""
+        import ray
+
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+        return host, free_port()
+
+    def set_rendezvous(self, host: str, port: int) -> None:
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port))
 
     def init_parallel(self, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> dict:
         from megatron_minio3.parallel import init_parallel
@@ -54,6 +63,7 @@ class WorkerGroup:
         num_gpus_per_worker: float = 0,
         env: dict[str, str] | None = None,
         worker_args: Sequence[Any] = (),
+        bundles: Sequence[tuple[Any, int]] | None = None,
     ):
         import ray
 
@@ -61,16 +71,28 @@ class WorkerGroup:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if not ray.is_initialized():
             raise RuntimeError("ray.init() must be called before creating a WorkerGroup")
-        # CPU runs are single-host (loopback); GPU runs rendezvous on the driver node's address.
-        master_addr = ray.util.get_node_ip_address() if num_gpus_per_worker else "127.0.0.1"
-        master_port = free_port()
+        if bundles is not None and len(bundles) != world_size:
+            raise ValueError(f"need one placement bundle per rank: {world_size} ranks, {len(bundles)} bundles")
         env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         remote_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker)(worker_cls)
         self.world_size = world_size
-        self.workers = [
-            remote_cls.remote(rank, world_size, master_addr, master_port, env, *worker_args)
-            for rank in range(world_size)
-        ]
+        self.workers = []
+        for rank in range(world_size):
+            options = {}
+            if bundles is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                group, index = bundles[rank]
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+            # With GPUs each rank sees only its own device (Ray sets CUDA_VISIBLE_DEVICES): local rank 0.
+            local_rank = 0 if num_gpus_per_worker else rank
+            self.workers.append(remote_cls.options(**options).remote(rank, world_size, env, local_rank, *worker_args))
+        try:
+            host, port = ray.get(self.workers[0].rendezvous_address.remote(not num_gpus_per_worker))
+            ray.get([w.set_rendezvous.remote(host, port) for w in self.workers])
+        except BaseException:
+            self.shutdown()
+            raise
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Runs `method` on every rank concurrently; returns the results in rank order."""

@@ -1,16 +1,24 @@
-"""Where the actor ranks and the rollout engines run, and the calls that span both (`TrainingWorkers`).
+"""Where the actor ranks and the rollout engines run, and the typed calls a step makes on them.
 
 trainer.rollout_placement
-    hybrid    (default; the CPU setup) the engines live inside the actor's rank process: rollout and training
-              take turns in one process, and a weight sync loads each exported bucket straight into the
-              engines (weights.sync.InProcessTarget), no copy, no second process. vLLM then builds its
-              parallel groups inside the actor's torch.distributed world; that is done (and tested) for a
-              world of one only, so this placement takes exactly one actor rank (checked before anything
-              starts).
-    separate  `trainer.num_rollout_workers` RolloutWorker Ray actors hold the engines. After each update the
-              actor's rank 0 broadcasts the buckets over a weight group (gloo on CPU, NCCL with CUDA) that the
-              rollout workers joined at start; any TP x PP x DP layout of the actor.
-A worker process that dies raises WorkerCrashed in the controller, naming the call it died in.
+    hybrid    (the default; colocated) the engines live inside the actor rank processes: one rollout handle
+              (a RolloutRuntime with rollout.num_engines engines) per group of R = rollout.tensor_parallel_size
+              consecutive ranks, on those ranks' devices, so rollout data-parallelism is world / R. Rollout and
+              training take turns in each process (memory moves between phases, workers/actor_worker.py) and a
+              weight sync loads every exported bucket straight into the local engine, in place.
+    separate  `trainer.num_rollout_workers` RolloutWorker Ray actors hold the engines on devices of their own;
+              after each update the actor's rank 0 broadcasts the buckets over a weight group (gloo on CPU,
+              NCCL with CUDA) that they joined at start.
+
+`TrainingWorkers` is what the controller sees: methods, not strings, and no data. Trajectories, pixels and
+packed batches move between workers as Ray object refs: a rollout handle returns one object per
+data-parallel rank from `take_training_shares`, and those refs are passed to the actor ranks' `train`,
+so Ray copies them from the handle to the ranks directly; the driver holds refs, plans and metrics only.
+
+With CUDA the actor ranks are pinned to placement-group bundles, one placement group per node
+(STRICT_PACK), ranks filling nodes in order: a tensor-parallel group and an engine's R ranks are consecutive
+ranks, so they stay inside a node whenever they divide cluster.gpus_per_node (checked before launch,
+trainer/launch_plan.py). A worker process that dies raises WorkerCrashed in the controller, naming the call.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from typing import Any
 
 from megatron_minio3.config.schema import Config
 from megatron_minio3.data.minio3_json import Prompt
-from megatron_minio3.rollout.agent_loop import RolloutBatch
+from megatron_minio3.trainer.step_plan import RoundSummary, StepPlan
 from megatron_minio3.workers.group import WorkerGroup
 
 
@@ -43,6 +51,14 @@ def worker_env(cfg: Config) -> dict[str, str]:
     }
 
 
+def engine_handles(world_size: int, ranks_per_engine: int) -> list[int | None]:
+    """Per actor rank (hybrid placement): the rollout handle it leads, or None. Engine g spans ranks
+    [g*R, (g+1)*R) and is led by its first rank."""
+    if world_size % ranks_per_engine:
+        raise ValueError(f"rollout.tensor_parallel_size ({ranks_per_engine}) must divide the actor's {world_size} ranks")
+    return [rank // ranks_per_engine if rank % ranks_per_engine == 0 else None for rank in range(world_size)]
+
+
 def _get(refs: list, what: str) -> list:
     import ray
 
@@ -57,54 +73,68 @@ class TrainingWorkers:
     cfg: Config
     actors: WorkerGroup
     coords: list[dict]  # per actor rank: rank, tp/pp/cp/dp rank, writes_results
-    rollout: list  # Ray handles offering generate / probe_rollout / evaluate (actor ranks or RolloutWorkers)
+    rollout: list  # the rollout handles: engine-leading actor ranks (hybrid) or RolloutWorkers (separate)
     rollout_workers: list = field(default_factory=list)  # separate placement
 
-    # ---------------------------------------------------------------- actor calls
-
-    def call(self, method: str, *args: Any) -> list:
-        """`method` on every actor rank at once; results in rank order."""
+    def _on_actors(self, method: str, *args: Any) -> list:
         return _get([getattr(w, method).remote(*args) for w in self.actors.workers], f"actor.{method}")
 
-    def call_per_dp_rank(self, method: str, per_dp_rank: Sequence[Any]) -> list:
-        """`method(per_dp_rank[dp_rank])` on every rank (the object is stored once per data-parallel share)."""
+    # ---------------------------------------------------------------- a step
+
+    def generate_round(self, prompts: Sequence[Prompt], step: int) -> list[RoundSummary]:
+        """Prompts split evenly over the rollout handles; each returns the summaries of its groups."""
+        handles = self.rollout
+        return _get([h.generate_round.remote(list(prompts[i :: len(handles)]), step) for i, h in enumerate(handles)],
+                    "rollout.generate_round")
+
+    def train(self, plan: StepPlan) -> dict[str, float]:
+        """Every handle sends each data-parallel rank its sequences (object refs, never through here); every
+        actor rank trains on its share. Returns the step's actor/* and timing metrics."""
         import ray
 
-        refs = [ray.put(value) for value in per_dp_rank]
-        calls = [getattr(w, method).remote(refs[c["dp_rank"]]) for w, c in zip(self.actors.workers, self.coords)]
-        return _get(calls, f"actor.{method}")
+        dp = self.cfg.parallel.dp
+        per_handle = []
+        for index, handle in enumerate(self.rollout):
+            refs = handle.take_training_shares.options(num_returns=dp).remote(plan.requests(index, dp))
+            per_handle.append([refs] if dp == 1 else list(refs))
+        plan_ref = ray.put(plan)
+        calls = [w.train.remote(plan_ref, *[refs[c["dp_rank"]] for refs in per_handle])
+                 for w, c in zip(self.actors.workers, self.coords)]
+        return train_metrics(_get(calls, "actor.train"), plan)
 
-    def results(self, per_rank: list) -> list:
-        """The entries of the reporting ranks (one per data-parallel share), in dp order."""
-        reporting = [(c["dp_rank"], r) for c, r in zip(self.coords, per_rank) if c["writes_results"]]
-        return [r for _, r in sorted(reporting, key=lambda pair: pair[0])]
+    def sync_weights(self) -> dict[str, float]:
+        """Actor -> engines; separate placement: the rollout workers receive while the actor ranks send."""
+        receiving = [w.receive_weights.remote() for w in self.rollout_workers]
+        sending = [w.sync_weights.remote() for w in self.actors.workers]
+        per_rank = _get(sending + receiving, "weight sync")[: len(sending)]
+        metrics = {k: v for k, v in per_rank[0].items() if not k.startswith("memory/")}
+        for report in per_rank:  # the worst rank's peak memory of each phase
+            for key, value in report.items():
+                if key.startswith("memory/"):
+                    metrics[key] = max(metrics.get(key, 0.0), value)
+        return metrics
 
-    # ---------------------------------------------------------------- rollout calls
+    def probe(self) -> dict[str, float]:
+        """Every engine's greedy probe sequences, scored by the actor (weights/probe.py)."""
+        from megatron_minio3.weights.probe import engine_probe_metrics
 
-    def generate(self, prompts: Sequence[Prompt], num_samples: int) -> RolloutBatch:
-        """Prompts split evenly over the rollout handles; each prompt's samples come back consecutive."""
-        shares = [list(prompts[i :: len(self.rollout)]) for i in range(len(self.rollout))]
-        calls = [(h, s) for h, s in zip(self.rollout, shares) if s]
-        batches = _get([h.generate.remote(s, num_samples) for h, s in calls], "rollout.generate")
-        return RolloutBatch(
-            trajectories=[traj for batch in batches for traj in batch.trajectories],
-            skipped=[s for batch in batches for s in batch.skipped],
-            wall_s=max(batch.wall_s for batch in batches),
-        )
-
-    def probe_rollout(self) -> list:
-        return _get([self.rollout[0].probe_rollout.remote()], "rollout.probe_rollout")[0]
+        sequences = [h.probe_rollout.remote() for h in self.rollout]  # refs: the sequences hold images
+        per_engine = {}
+        for report in self._on_actors("score_probe", *sequences):
+            per_engine.update(report)
+        return engine_probe_metrics(per_engine, self.cfg.weights.probe_warn_mean_abs_diff)
 
     def evaluate(self, output_dir: str) -> dict:
         """Avg@k on data.val_files on the first rollout handle's engines (trainer/eval.py)."""
         return _get([self.rollout[0].evaluate.remote(output_dir)], "rollout.evaluate")[0]
 
-    def sync_weights(self) -> dict[str, float]:
-        """Actor -> engines. Separate placement: the rollout workers receive while the actor ranks send."""
-        receiving = [w.receive_weights.remote() for w in self.rollout_workers]
-        sending = [w.sync_weights.remote() for w in self.actors.workers]
-        stats = _get(sending + receiving, "weight sync")
-        return stats[0]
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, directory: str) -> list[dict]:
+        return self._on_actors("save_checkpoint", directory)
+
+    def load_checkpoint(self, directory: str) -> list[dict]:
+        return self._on_actors("load_checkpoint", directory)
 
     def shutdown(self) -> None:
         import ray
@@ -122,6 +152,30 @@ class TrainingWorkers:
                 ray.kill(worker)
 
 
+def train_metrics(reports: Sequence[dict], plan: StepPlan) -> dict[str, float]:
+    """The step's actor metrics from every rank's `ActorWorker.train` report: update metrics from the reporting
+    ranks (already reduced over data-parallel ranks), log-prob differences summed over them, timings of the
+    slowest rank."""
+    reporting = [r for r in reports if r["writes_results"]]
+    updates = reporting[0]["updates"]
+    diff = {name: [r["logprob_diff"][name] for r in reporting] for name in ("abs_diff_sum", "abs_diff_max", "num_tokens")}
+    metrics = {
+        "actor/num_updates": float(len(updates)),
+        "actor/num_sequences": float(plan.num_sequences),
+        "actor/num_loss_tokens": float(plan.num_loss_tokens),
+        "actor/rollout_logprob_diff": sum(diff["abs_diff_sum"]) / max(sum(diff["num_tokens"]), 1.0),
+        "actor/rollout_logprob_diff_max": max(diff["abs_diff_max"]),
+    }
+    if updates:
+        for name in updates[0]:
+            metrics[f"actor/{name}"] = sum(u[name] for u in updates) / len(updates)
+        metrics["actor/grad_norm_max"] = max(u["grad_norm"] for u in updates)
+        metrics["actor/lr"] = updates[-1]["lr"]
+    for phase in {phase for r in reports for phase in r["timing"]}:
+        metrics[f"timing/{phase}_s"] = max(r["timing"].get(phase, 0.0) for r in reports)
+    return metrics
+
+
 def start_workers(
     cfg: Config, total_optimizer_steps: int, probe_prompts: Sequence[Prompt], seed_offset: int
 ) -> TrainingWorkers:
@@ -133,10 +187,10 @@ def start_workers(
     from megatron_minio3.workers.rollout_worker import RolloutWorker
 
     on_gpu = _cuda_available()
+    hybrid = cfg.trainer.rollout_placement == "hybrid"
     if on_gpu:  # Ray would wait forever for GPUs the cluster does not have
         needed = cfg.parallel.world_size + (
-            cfg.trainer.num_rollout_workers * cfg.rollout.tensor_parallel_size
-            if cfg.trainer.rollout_placement == "separate" else 0
+            0 if hybrid else cfg.trainer.num_rollout_workers * cfg.rollout.tensor_parallel_size
         )
         available = ray.cluster_resources().get("GPU", 0)
         if needed > available:
@@ -147,18 +201,21 @@ def start_workers(
     env = worker_env(cfg)
     actors = WorkerGroup(
         ActorWorker, cfg.parallel.world_size, num_cpus_per_worker=1, num_gpus_per_worker=1 if on_gpu else 0,
-        env=env, worker_args=(cfg,),
+        env=env, worker_args=(cfg,), bundles=node_bundles(cfg) if on_gpu else None,
     )
+    handles = engine_handles(cfg.parallel.world_size, cfg.rollout.tensor_parallel_size) if hybrid else []
     rollout_workers = []
-    if cfg.trainer.rollout_placement == "separate":
+    if not hybrid:
         remote = ray.remote(num_cpus=1, num_gpus=cfg.rollout.tensor_parallel_size if on_gpu else 0)(RolloutWorker)
         rollout_workers = [
-            remote.remote(cfg, probe_prompts, seed_offset + 7919 * index, env)
-            for index in range(cfg.trainer.num_rollout_workers)
+            remote.remote(cfg, probe_prompts, index, seed_offset, env) for index in range(cfg.trainer.num_rollout_workers)
         ]
     workers = TrainingWorkers(cfg, actors, [], [], rollout_workers)
     try:
-        workers.coords = workers.call("setup", total_optimizer_steps, probe_prompts, seed_offset)
+        workers.coords = _get(
+            [w.setup.remote(total_optimizer_steps, probe_prompts, seed_offset, handles[rank] if hybrid else None)
+             for rank, w in enumerate(actors.workers)], "actor.setup",
+        )
         if rollout_workers:
             host = ray.util.get_node_ip_address() if on_gpu else "127.0.0.1"
             port = free_port()
@@ -170,13 +227,27 @@ def start_workers(
             _get(joins, "weight group set-up")
             workers.rollout = rollout_workers
         else:
-            workers.rollout = [
-                w for w, c in zip(actors.workers, workers.coords) if c["tp_rank"] == c["pp_rank"] == c["cp_rank"] == 0
-            ]
+            workers.rollout = [w for w, handle in zip(actors.workers, handles) if handle is not None]
     except BaseException:
         workers.shutdown()
         raise
     return workers
+
+
+def node_bundles(cfg: Config) -> list[tuple[Any, int]]:
+    """One STRICT_PACK placement group per node of one GPU (and one CPU) per actor rank; rank r goes to node
+    r // gpus_per_node, bundle r % gpus_per_node. Waits until the groups are placed."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    per_node = cfg.cluster.gpus_per_node
+    world = cfg.parallel.world_size
+    groups = [
+        placement_group([{"GPU": 1, "CPU": 1}] * min(per_node, world - first), strategy="STRICT_PACK")
+        for first in range(0, world, per_node)
+    ]
+    ray.get([group.ready() for group in groups])
+    return [(groups[rank // per_node], rank % per_node) for rank in range(world)]
 
 
 def _cuda_available() -> bool:

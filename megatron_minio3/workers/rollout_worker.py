@@ -1,37 +1,48 @@
-"""The rollout side of one process: vLLM engines, the crop-tool agent loop and the parity probe's rollout.
+"""The rollout side of one process: vLLM engines, the crop-tool agent loop, rewards, and the step's groups.
 
-`RolloutRuntime` is a plain object. Where it lives depends on `trainer.rollout_placement`:
-- hybrid (the CPU default): inside the actor's rank process (workers/actor_worker.py), which alternates
-  between rollout and training; weights go from Megatron into the engines in place, no copy.
-- separate: inside `RolloutWorker`, a Ray actor of its own; weights arrive as buckets broadcast over a
-  weight group (gloo on CPU, NCCL on GPU) from the actor's rank 0.
-The controller calls the same methods in both cases (`generate`, `probe_rollout`, `evaluate`).
+`RolloutRuntime` is a plain object and one *rollout handle* of the run. Where it lives depends on
+`trainer.rollout_placement`:
+- hybrid: inside an actor rank process (workers/actor_worker.py), one per group of rollout.tensor_parallel_size
+  ranks; rollout and training take turns in that process and weights go from Megatron into the engines in place;
+- separate: inside `RolloutWorker`, a Ray actor of its own, fed weights over a broadcast group.
+
+The handle keeps the data. Per generation round it rolls out its prompts, scores them (RewardManager),
+groups them by prompt, decides which groups carry a learning signal, computes their advantages, keeps the
+groups it may train on and returns only a `RoundSummary` (numbers) to the controller. When the controller
+has planned the update it asks for `take_training_shares`: one list of TrainingSequence per data-parallel
+rank, which Ray hands to the actor ranks directly (object refs; the driver never holds them).
 This module imports no Megatron code.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Sequence
 
 from megatron_minio3.config.schema import Config
 from megatron_minio3.data.minio3_json import Prompt
-from megatron_minio3.rollout.agent_loop import RolloutBatch
+from megatron_minio3.trainer.batch import SampleGroup, TrainingSequence
+from megatron_minio3.trainer.step_plan import RoundSummary, SeqKey
 from megatron_minio3.weights.probe import ParityProbe, ProbePrompt, ProbeSequence
+
+logger = logging.getLogger(__name__)
 
 
 class RolloutRuntime:
-    """`rollout.num_engines` in-process vLLM engines sharing one agent loop."""
+    """`rollout.num_engines` in-process vLLM engines sharing one agent loop; rollout handle number `handle`."""
 
-    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], seed_offset: int = 0):
+    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], *, handle: int, seed_offset: int = 0):
+        from megatron_minio3.rewards.manager import RewardManager
         from megatron_minio3.rollout.agent_loop import AgentLoop
         from megatron_minio3.rollout.engine import VllmEngine
 
         self.cfg = cfg
-        # A resumed run must not replay the sampling stream of its first steps: offset the engine seed.
-        rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + seed_offset)
+        self.handle = handle
+        # Each handle samples its own stream, and a resumed run must not replay the sampling of its first steps.
+        rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + seed_offset + 7919 * handle)
         max_images = max(cfg.rollout.max_images, cfg.eval.max_images if cfg.trainer.eval_every else 0)
         self.engines = [
             VllmEngine(rollout_cfg, cfg.model, max_images=max_images) for _ in range(rollout_cfg.num_engines)
@@ -40,6 +51,7 @@ class RolloutRuntime:
         logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)
         first = self.engines[0]
         self.loop = AgentLoop.from_config(self.engines, first.tokenizer, first.vision, rollout_cfg, cfg.data)
+        self.reward = RewardManager(cfg.reward)
         self.probe = (
             ParityProbe(
                 [ProbePrompt.from_prompt(prompt) for prompt in probe_prompts],
@@ -49,14 +61,63 @@ class RolloutRuntime:
             if probe_prompts
             else None
         )
+        self._groups: dict[int, SampleGroup] = {}  # kept groups of the current step, by group id
+        self._group_ids = itertools.count()
 
-    def generate(self, prompts: Sequence[Prompt], num_samples: int) -> RolloutBatch:
-        return asyncio.run(self.loop.run(prompts, num_samples))
+    # ------------------------------------------------------------------ one step's data
 
-    def probe_rollout(self) -> list[ProbeSequence]:
-        """Greedy two-turn probe sequences on the first engine (weights.probe_*)."""
+    def generate_round(self, prompts: Sequence[Prompt], step: int) -> RoundSummary:
+        """Roll out rollout.n samples of each prompt, score and group them; keep the groups with a learning
+        signal until take_training_shares; return their summaries (step is 1-based, for reward schedules)."""
+        from megatron_minio3.trainer.batch import group_by_prompt, groups_to_keep, summarize_group
+        from megatron_minio3.trainer.eval import to_reward_input
+
+        cfg = self.cfg
+        batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n))
+        results = self.reward.score_sync(
+            [to_reward_input(traj) for traj in batch.trajectories], validation=False, step=step - 1,
+            total_steps=cfg.trainer.total_steps,
+        )
+        drop = self.reward.drop_mask(results, validation=False)
+        groups = group_by_prompt(batch.trajectories, results)
+        summaries = []
+        offset = 0
+        for group, keep in zip(groups, groups_to_keep(groups, drop, cfg.algorithm)):
+            failed = any(drop[offset : offset + len(group.trajectories)])
+            offset += len(group.trajectories)
+            group_id = next(self._group_ids)
+            if keep:
+                self._groups[group_id] = group
+            summaries.append(summarize_group(
+                group, handle=self.handle, group_id=group_id, keep=keep,
+                drop_reason="reward_failed" if failed else "no_reward_spread", algorithm=cfg.algorithm,
+            ))
+        return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s)
+
+    def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]) -> list[list[TrainingSequence]]:
+        """requests[d]: keys of this handle's sequences that data-parallel rank d trains on. Returns one list per
+        rank and forgets every group of the step (the ones not asked for were not needed)."""
+        from megatron_minio3.trainer.batch import training_sequences
+
+        needed = {key[1] for keys in requests for key in keys}
+        missing = needed - set(self._groups)
+        if missing or any(key[0] != self.handle for keys in requests for key in keys):
+            raise ValueError(f"rollout handle {self.handle} holds no group {sorted(missing)} (or a key is not its own)")
+        sequences = {
+            seq.key: seq
+            for group_id in sorted(needed)
+            for seq in training_sequences(self._groups[group_id], handle=self.handle, group_id=group_id,
+                                          algorithm=self.cfg.algorithm)
+        }
+        self._groups.clear()
+        return [[sequences[key] for key in keys] for keys in requests]
+
+    # ------------------------------------------------------------------ probe, evaluation, memory
+
+    def probe_rollout(self) -> list[list[ProbeSequence]]:
+        """Greedy two-turn probe sequences on every engine of this handle (weights.probe_*), one list per engine."""
         assert self.probe is not None, "probe_rollout without probe prompts"
-        return asyncio.run(self.probe.rollout(self.engines[0], self.loop))
+        return [asyncio.run(self.probe.rollout(engine, self.loop)) for engine in self.engines]
 
     def evaluate(self, output_dir: str) -> dict:
         """Avg@k on data.val_files with the current weights (trainer/eval.py), written under output_dir."""
@@ -64,6 +125,16 @@ class RolloutRuntime:
 
         cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, output_dir=output_dir))
         return evaluate(cfg, engines=self.engines)
+
+    def sleep(self, level: int) -> None:
+        """Free the engines' accelerator memory (rollout.enable_sleep_mode; a no-op where unsupported):
+        level 1 moves the weights to host and drops the KV cache, level 2 drops both."""
+        for engine in self.engines:
+            engine.sleep(level)
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        for engine in self.engines:
+            engine.wake_up(tags)
 
     def shutdown(self) -> None:
         for engine in self.engines:
@@ -73,15 +144,20 @@ class RolloutRuntime:
 class RolloutWorker:
     """Ray actor for `trainer.rollout_placement: separate`: a RolloutRuntime receiving weights over a group."""
 
-    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], seed_offset: int, env: dict[str, str]):
+    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], handle: int, seed_offset: int,
+                 env: dict[str, str]):
         os.environ.update(env)
-        self.runtime = RolloutRuntime(cfg, probe_prompts, seed_offset)
+        self.runtime = RolloutRuntime(cfg, probe_prompts, handle=handle, seed_offset=seed_offset)
         self.weight_group = None
 
-    def generate(self, prompts: Sequence[Prompt], num_samples: int) -> RolloutBatch:
-        return self.runtime.generate(prompts, num_samples)
+    def generate_round(self, prompts: Sequence[Prompt], step: int) -> RoundSummary:
+        return self.runtime.generate_round(prompts, step)
 
-    def probe_rollout(self) -> list[ProbeSequence]:
+    def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]):
+        shares = self.runtime.take_training_shares(requests)
+        return shares[0] if len(shares) == 1 else tuple(shares)  # one Ray return value per data-parallel rank
+
+    def probe_rollout(self) -> list[list[ProbeSequence]]:
         return self.runtime.probe_rollout()
 
     def evaluate(self, output_dir: str) -> dict:

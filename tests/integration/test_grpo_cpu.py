@@ -85,7 +85,9 @@ def test_config_error_stops_the_command_line_before_any_worker(tiny_hf_dir, data
     "bad, message",
     [
         ("actor.ppo_mini_batch_size=4", "must be a multiple of actor.ppo_mini_batch_size"),
-        ("parallel.tp=2", "trainer.rollout_placement=hybrid runs vLLM inside the single actor process"),
+        ("rollout.tensor_parallel_size=3", "rollout.tensor_parallel_size (3) must divide the actor's 1 ranks"),
+        (("trainer.rollout_placement=separate", "actor.offload_to_host_between_phases=true"),
+         "actor.offload_to_host_between_phases frees memory for engines that share the actor's devices"),
         ("actor.packing.max_tokens_per_microbatch=1024", "must hold the longest trajectory"),
         ("data.train_files=[/nonexistent/train.json]", "dataset file not found"),
         ("rollout.temperature=0", "rollout.temperature must be > 0 for training"),
@@ -100,7 +102,8 @@ def test_config_mistakes_raise_before_ray_starts(tiny_hf_dir, dataset, tmp_path,
     from megatron_minio3.trainer.grpo import prepare
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        prepare(load_config(REPO_ROOT / "configs/tiny_cpu.yaml", [*overrides(tiny_hf_dir, dataset, tmp_path), bad]))
+        prepare(load_config(REPO_ROOT / "configs/tiny_cpu.yaml",
+                            [*overrides(tiny_hf_dir, dataset, tmp_path), *([bad] if isinstance(bad, str) else bad)]))
     assert not ray.is_initialized()
 
 
@@ -139,26 +142,44 @@ def train(args: list[str], capsys) -> str:
     return captured.out
 
 
-def test_two_steps_sync_checkpoint_and_resume(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys):
-    out = tmp_path / "run"
-    train(overrides(tiny_hf_dir, dataset, out, **{"trainer.total_steps": 2}), capsys)
+LAYOUTS = {  # hybrid placement: one vLLM engine in every actor rank (rollout.tensor_parallel_size = 1)
+    "single": {},
+    "tp2": {"parallel.tp": 2},
+    "dp2": {"parallel.dp": 2},
+    "pp2": {"parallel.pp": 2},
+}
+
+
+def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, resume_layout: str) -> None:
+    """2 GRPO steps at `layout`, then a third step resumed from the checkpoint at `resume_layout`: real rollouts
+    on every engine, rewards, updates and a sync into every engine each step, checked by the probe on every
+    engine; the resumed run continues the optimizer, the prompts and the engines' weights exactly."""
+    engines = {name: math.prod(settings.values()) for name, settings in LAYOUTS.items()}  # one per rank
+    train(overrides(tiny_hf_dir, dataset, out, **{"trainer.total_steps": 2, **LAYOUTS[layout]}), capsys)
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2]
     for record in steps:
-        # real rollouts, rewards and updates happened in both steps
+        # real rollouts on every engine, rewards and updates happened in both steps
         assert record["rollout/num_trajectories"] >= 8 and record["rollout/num_turns_mean"] >= 1
+        for handle in range(engines[layout]):
+            assert record[f"rollout/handle_{handle}/num_trajectories"] >= 4, (handle, record)
         assert record["sampling/num_kept_groups"] >= 1 and record["actor/num_updates"] >= 1
         assert math.isfinite(record["actor/loss"]) and record["actor/grad_norm"] > 0
         assert record["weights/sync_s"] > 0 and record["weights/num_buckets"] >= 1
+        assert record["memory/train_peak_rss_gb"] > 0.1 and record["memory/rollout_peak_rss_gb"] > 0.1
     assert steps[1]["actor/optimizer_steps"] == steps[0]["actor/num_updates"] + steps[1]["actor/num_updates"]
 
-    # The probe (greedy, unconstrained) before step 1 and after each sync: the engine's log-probs equal the
-    # actor's (fp32), and they moved away from the initial ones: the actor changed and the engine followed.
+    # The probe (greedy, unconstrained) before step 1 and after each sync, on every engine: the engines'
+    # log-probs equal the actor's (fp32), and they moved away from the initial ones: the actor changed and
+    # every engine followed.
     baseline, after_1, after_2 = probe_records(records)
     assert baseline.get("event") == "probe" and baseline["step"] == 0
     for probe in (baseline, after_1, after_2):
-        assert probe["probe/mean_abs_logprob_diff"] < 1e-4 and probe["probe/num_tokens"] >= 2
+        assert probe["probe/num_engines"] == engines[layout]
+        for engine in range(engines[layout]):
+            assert probe[f"probe/engine_{engine}/mean_abs_logprob_diff"] <= 1e-5, (engine, probe)
+        assert probe["probe/num_tokens"] >= 2 * engines[layout]
     moved = abs(after_2["probe/rollout_logprob_mean"] - baseline["probe/rollout_logprob_mean"])
     assert moved > 100 * after_2["probe/mean_abs_logprob_diff"], (moved, after_2)
 
@@ -169,19 +190,21 @@ def test_two_steps_sync_checkpoint_and_resume(ray_cluster, tiny_hf_dir, dataset,
     assert state_2["actor_fingerprint"][0]["param_sum"] != state_1["actor_fingerprint"][0]["param_sum"]
     assert state_2["num_optimizer_steps"] == steps[1]["actor/optimizer_steps"]
 
-    # Resume: one more step. The checkpoint's model, optimizer and scheduler come back (the trainer compares
-    # the fingerprints and fails otherwise), the engines get the trained weights, the prompts continue.
-    # This step also turns on the KL term (a reference model built from the HF checkpoint) and the entropy bonus.
-    extra = {"trainer.total_steps": 3, "algorithm.kl_coef": 0.05, "algorithm.entropy_coef": 0.01}
+    # Resume at another layout: one more step. The checkpoint's model, optimizer and scheduler come back, the
+    # engines get the trained weights, the prompts continue. This step also turns on the KL term (a reference
+    # model built from the HF checkpoint, parked on host between uses) and the entropy bonus.
+    extra = {"trainer.total_steps": 3, "algorithm.kl_coef": 0.05, "algorithm.entropy_coef": 0.01,
+             **LAYOUTS[resume_layout]}
     stdout = train(overrides(tiny_hf_dir, dataset, out, **extra), capsys)
     assert f"resumed from {out / 'checkpoints' / 'step_00000002'} (step 2" in stdout
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     resumed_probe = [r for r in records if r.get("event") == "probe"][-1]
-    assert resumed_probe["step"] == 2
-    for key in ("probe/rollout_logprob_mean", "probe/num_tokens"):  # the same weights in the engine as after step 2
-        assert resumed_probe[key] == pytest.approx(after_2[key], abs=1e-5), key
+    assert resumed_probe["step"] == 2 and resumed_probe["probe/num_engines"] == engines[resume_layout]
+    # the same weights in the engines as after step 2: the same greedy probe, scored the same
+    assert resumed_probe["probe/rollout_logprob_mean"] == pytest.approx(after_2["probe/rollout_logprob_mean"], abs=1e-5)
+    assert resumed_probe["probe/mean_abs_logprob_diff"] <= 1e-5
     assert steps[2]["actor/optimizer_steps"] == state_2["num_optimizer_steps"] + steps[2]["actor/num_updates"]
     assert steps[2]["actor/kl"] > 0 and steps[2]["timing/ref_logprobs_s"] > 0  # trained policy vs the initial one
     assert "actor/kl" not in steps[1]
@@ -194,3 +217,8 @@ def test_two_steps_sync_checkpoint_and_resume(ray_cluster, tiny_hf_dir, dataset,
         sampler.next(int(record["sampling/num_rounds"]) * cfg.trainer.train_batch_size)
     assert state_3["sampler"] == sampler.state_dict()
     assert json.loads((out / "checkpoints" / "step_00000003" / STATE_FILE).read_text())["step"] == 3
+
+
+def test_hybrid_dp2_two_steps_then_resume_on_one_rank(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys):
+    """Two actor ranks, each with its own engine (rollout data parallelism 2); resumed by a single rank."""
+    two_steps_then_resume(tiny_hf_dir, dataset, tmp_path / "run", capsys, "dp2", "single")
