@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from megatron_minio3.config.rollout import RolloutConfig
 from megatron_minio3.rollout.agent_loop import GenerationRequest, GenerationResult
+from megatron_minio3.rollout.spmd import END, EngineGroup
 from megatron_minio3.rollout.tokens import VisionSpec, load_vision_spec
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,11 @@ class _Pending:
     future: asyncio.Future
 
 
-def engine_args_from_config(cfg: RolloutConfig, model_path: str, max_images: int) -> dict[str, Any]:
-    """Keyword arguments of vllm.EngineArgs for this rollout configuration."""
+def engine_args_from_config(
+    cfg: RolloutConfig, model_path: str, max_images: int, *, external_launcher: bool = False
+) -> dict[str, Any]:
+    """Keyword arguments of vllm.EngineArgs for this rollout configuration. `external_launcher`: the engine
+    spans tensor_parallel_size ranks of the caller's torch.distributed world (rollout/spmd.py)."""
     args: dict[str, Any] = {
         "model": model_path,
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -53,7 +57,9 @@ def engine_args_from_config(cfg: RolloutConfig, model_path: str, max_images: int
     }
     if cfg.kv_cache_memory_mb > 0:
         args["kv_cache_memory_bytes"] = cfg.kv_cache_memory_mb << 20
-    if cfg.tensor_parallel_size == 1:
+    if external_launcher:
+        args["distributed_executor_backend"] = "external_launcher"  # this rank's shard, in this process
+    elif cfg.tensor_parallel_size == 1:
         args["distributed_executor_backend"] = "uni"  # keep the model in this process
     return args
 
@@ -61,7 +67,10 @@ def engine_args_from_config(cfg: RolloutConfig, model_path: str, max_images: int
 class VllmEngine:
     """One vLLM engine for the agent loop (implements agent_loop.GenerationEngine)."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str | Path, *, max_images: int | None = None):
+    def __init__(self, cfg: RolloutConfig, model_path: str | Path, *, max_images: int | None = None,
+                 group: EngineGroup | None = None):
+        """`group`: this engine spans the ranks of an EngineGroup (rollout/spmd.py); every rank of the group
+        constructs its VllmEngine at the same time. The leader serves `generate`; the others `follow`."""
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise ValueError(
                 "VLLM_ENABLE_V1_MULTIPROCESSING is set to a non-zero value; the rollout engine runs vLLM in "
@@ -73,7 +82,12 @@ class VllmEngine:
         self.cfg = cfg
         self.model_path = str(model_path)
         self.vision: VisionSpec = load_vision_spec(model_path)
-        self._engine_args = engine_args_from_config(cfg, self.model_path, max_images or cfg.max_images)
+        if group is not None and group.size != cfg.tensor_parallel_size:
+            raise ValueError(f"an engine group of {group.size} ranks needs rollout.tensor_parallel_size={group.size}")
+        self.group = group
+        self._calls: list[tuple] = []  # engine calls since the last step, for the followers (leader only)
+        self._engine_args = engine_args_from_config(cfg, self.model_path, max_images or cfg.max_images,
+                                                    external_launcher=group is not None)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[str, _Pending] = {}
         self._failure: BaseException | None = None
@@ -108,6 +122,9 @@ class VllmEngine:
                 command()
                 continue  # drain every queued command before the next step
             try:
+                if self.group is not None:  # the followers make the same calls, then step with us
+                    self.group.publish(self._calls)
+                    self._calls = []
                 outputs = engine.step()
             except BaseException as exc:  # noqa: BLE001 - every waiter gets the error
                 self._fail_all(exc)
@@ -206,10 +223,14 @@ class VllmEngine:
 
         def add(engine: Any) -> None:
             self._pending[request_id] = _Pending(loop, future)
+            call = ("add", request_id, {**prompt}, params)  # as given, whatever the engine does with it
             try:
                 engine.add_request(request_id, prompt, params)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails only its own caller
                 self._resolve(request_id, error=exc)
+                return
+            if self.group is not None:
+                self._calls.append(call)
 
         self._commands.put(lambda: add(self._engine))
         try:
@@ -221,6 +242,43 @@ class VllmEngine:
     def _abort(self, request_id: str) -> None:
         if self._pending.pop(request_id, None) is not None:
             self._engine.abort_request([request_id])
+            if self.group is not None:
+                self._calls.append(("abort", request_id))
+
+    # ------------------------------------------------------------------ engines spanning several ranks
+
+    def release_followers(self) -> None:
+        """Leader: end the followers' `follow` (after the calls not yet published). Call it when a rollout phase
+        (a generation round, the probe, an evaluation) is over."""
+        if self.group is None:
+            return
+
+        def publish_end(engine: Any) -> None:
+            self.group.publish([*self._calls, END])
+            self._calls = []
+
+        self._call(publish_end)
+
+    def follow(self) -> int:
+        """Follower: make the leader's engine calls and steps until it releases us; returns the steps made."""
+        if self.group is None or self.group.is_leader:
+            raise RuntimeError("follow() is for the non-leading ranks of an engine group")
+
+        def run(engine: Any) -> int:
+            steps = 0
+            while True:
+                calls = self.group.receive()
+                for call in calls:
+                    if call[0] == "add":
+                        engine.add_request(*call[1:])
+                    elif call[0] == "abort":
+                        engine.abort_request([call[1]])
+                if END in calls:
+                    return steps
+                engine.step()
+                steps += 1
+
+        return self._call(run)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> int:
         """Load HF-named tensors into the running engine in place, bucket by bucket, then drop every cache

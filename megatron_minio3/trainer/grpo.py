@@ -126,11 +126,9 @@ def check_placement(cfg: Config) -> None:
                 f"(parallel: tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x cp {cfg.parallel.cp} x dp {cfg.parallel.dp}) "
                 "with trainer.rollout_placement=hybrid: each engine spans that many actor ranks"
             )
-        if engine_tp > 1:
+        if engine_tp > 1 and cfg.rollout.num_engines != 1:
             raise ValueError(
-                f"rollout.tensor_parallel_size={engine_tp} with trainer.rollout_placement=hybrid: engines spanning "
-                "several actor ranks are not implemented yet; use 1 (one engine per rank, rollout data parallelism "
-                f"{ranks}) or trainer.rollout_placement=separate"
+                f"rollout.num_engines must be 1 when an engine spans rollout.tensor_parallel_size={engine_tp} ranks"
             )
         return
     for key, value in (("actor.offload_to_host_between_phases", cfg.actor.offload_to_host_between_phases),

@@ -66,8 +66,9 @@ class ActorWorker(RankWorker):
 
     def setup(self, total_optimizer_steps: int, probe_prompts: Sequence[Prompt], seed_offset: int,
               handle: int | None) -> dict:
-        """Build the policy (and reference) from the HF checkpoint, the exporter and, when `handle` is given,
-        the engines of rollout handle `handle`. Returns this rank's coordinates."""
+        """Build the policy (and reference) from the HF checkpoint, the exporter and, when `handle` is given
+        (hybrid placement), this rank's part of the engine of rollout handle `handle`. Returns this rank's
+        coordinates."""
         from transformers import AutoConfig
 
         from megatron_minio3.convert.megatron_checkpoint import load_megatron_checkpoint
@@ -105,13 +106,17 @@ class ActorWorker(RankWorker):
         self.images = ImageEncoder(cfg.model)
         self.image_token_id = AutoConfig.from_pretrained(cfg.model).image_token_id
         self.merge_size = load_vision_spec(cfg.model).merge_size
-        if cfg.trainer.rollout_placement == "hybrid":
+        if handle is not None:
             # Every rank builds its engine at the same time: vLLM creates its groups in this rank's world.
-            self._offload(ALL_STATE)  # the engine's memory profiling must see the room it will have
+            from megatron_minio3.rollout.spmd import build_engine_groups
             from megatron_minio3.workers.rollout_worker import RolloutRuntime
 
-            if handle is not None:
-                self.rollout = RolloutRuntime(cfg, probe_prompts, handle=handle, seed_offset=seed_offset)
+            ranks_per_engine = cfg.rollout.tensor_parallel_size
+            group = None
+            if ranks_per_engine > 1:  # collective: every rank creates every engine's group
+                group = build_engine_groups(self.ctx.world_size, ranks_per_engine)[handle]
+            self._offload(ALL_STATE)  # the engine's memory profiling must see the room it will have
+            self.rollout = RolloutRuntime(cfg, probe_prompts, handle=handle, seed_offset=seed_offset, group=group)
         self.phase = "rollout"
         self.memory.start("rollout")
         return {**coords, "is_last_stage": self.ctx.is_last_stage, "writes_results": self._writes_results}
@@ -162,6 +167,15 @@ class ActorWorker(RankWorker):
     def probe_rollout(self) -> list[list[ProbeSequence]]:
         self._enter_engines_awake()
         return self.rollout.probe_rollout()
+
+    def follow(self, call: str) -> None:
+        """The other ranks of an engine spanning several ranks: take part in the leader's `call`
+        (generate_round, probe_rollout or evaluate) until it releases them."""
+        if call == "generate_round":
+            self._enter("rollout")
+        else:
+            self._enter_engines_awake()
+        self.rollout.follow()
 
     def evaluate(self, output_dir: str) -> dict:
         self._enter_engines_awake()

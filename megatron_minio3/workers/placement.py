@@ -51,12 +51,12 @@ def worker_env(cfg: Config) -> dict[str, str]:
     }
 
 
-def engine_handles(world_size: int, ranks_per_engine: int) -> list[int | None]:
-    """Per actor rank (hybrid placement): the rollout handle it leads, or None. Engine g spans ranks
-    [g*R, (g+1)*R) and is led by its first rank."""
+def engine_handles(world_size: int, ranks_per_engine: int) -> list[int]:
+    """Per actor rank (hybrid placement): the rollout handle whose engine it holds a part of. Engine g spans
+    ranks [g*R, (g+1)*R) and is led by its first rank."""
     if world_size % ranks_per_engine:
         raise ValueError(f"rollout.tensor_parallel_size ({ranks_per_engine}) must divide the actor's {world_size} ranks")
-    return [rank // ranks_per_engine if rank % ranks_per_engine == 0 else None for rank in range(world_size)]
+    return [rank // ranks_per_engine for rank in range(world_size)]
 
 
 def _get(refs: list, what: str) -> list:
@@ -75,6 +75,15 @@ class TrainingWorkers:
     coords: list[dict]  # per actor rank: rank, tp/pp/cp/dp rank, writes_results
     rollout: list  # the rollout handles: engine-leading actor ranks (hybrid) or RolloutWorkers (separate)
     rollout_workers: list = field(default_factory=list)  # separate placement
+    followers: list = field(default_factory=list)  # hybrid, R > 1: the other ranks of each handle's engine
+    follower_handles: list = field(default_factory=list)  # the handle each follower belongs to
+
+    def _on_handles(self, method: str, per_handle_args: Sequence[tuple]) -> list:
+        """`method` on every rollout handle (its own arguments each); the ranks that share a handle's engine
+        follow it meanwhile. Returns the handles' results in order."""
+        calls = [getattr(h, method).remote(*args) for h, args in zip(self.rollout, per_handle_args)]
+        following = [w.follow.remote(method) for w in self.followers]
+        return _get(calls + following, f"rollout.{method}")[: len(calls)]
 
     def _on_actors(self, method: str, *args: Any) -> list:
         return _get([getattr(w, method).remote(*args) for w in self.actors.workers], f"actor.{method}")
@@ -83,9 +92,8 @@ class TrainingWorkers:
 
     def generate_round(self, prompts: Sequence[Prompt], step: int) -> list[RoundSummary]:
         """Prompts split evenly over the rollout handles; each returns the summaries of its groups."""
-        handles = self.rollout
-        return _get([h.generate_round.remote(list(prompts[i :: len(handles)]), step) for i, h in enumerate(handles)],
-                    "rollout.generate_round")
+        num = len(self.rollout)
+        return self._on_handles("generate_round", [(list(prompts[i::num]), step) for i in range(num)])
 
     def train(self, plan: StepPlan) -> dict[str, float]:
         """Every handle sends each data-parallel rank its sequences (object refs, never through here); every
@@ -119,6 +127,7 @@ class TrainingWorkers:
         from megatron_minio3.weights.probe import engine_probe_metrics
 
         sequences = [h.probe_rollout.remote() for h in self.rollout]  # refs: the sequences hold images
+        _get([w.follow.remote("probe_rollout") for w in self.followers], "rollout.probe_rollout")
         per_engine = {}
         for report in self._on_actors("score_probe", *sequences):
             per_engine.update(report)
@@ -126,7 +135,9 @@ class TrainingWorkers:
 
     def evaluate(self, output_dir: str) -> dict:
         """Avg@k on data.val_files on the first rollout handle's engines (trainer/eval.py)."""
-        return _get([self.rollout[0].evaluate.remote(output_dir)], "rollout.evaluate")[0]
+        calls = [self.rollout[0].evaluate.remote(output_dir)]
+        calls += [w.follow.remote("evaluate") for w, handle in zip(self.followers, self.follower_handles) if handle == 0]
+        return _get(calls, "rollout.evaluate")[0]
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -227,7 +238,10 @@ def start_workers(
             _get(joins, "weight group set-up")
             workers.rollout = rollout_workers
         else:
-            workers.rollout = [w for w, handle in zip(actors.workers, handles) if handle is not None]
+            leads = [rank % cfg.rollout.tensor_parallel_size == 0 for rank in range(cfg.parallel.world_size)]
+            workers.rollout = [w for w, lead in zip(actors.workers, leads) if lead]
+            workers.followers = [w for w, lead in zip(actors.workers, leads) if not lead]
+            workers.follower_handles = [h for h, lead in zip(handles, leads) if not lead]
     except BaseException:
         workers.shutdown()
         raise

@@ -16,6 +16,7 @@ This module imports no Megatron code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 from megatron_minio3.config.schema import Config
 from megatron_minio3.data.minio3_json import Prompt
+from megatron_minio3.rollout.spmd import EngineGroup
 from megatron_minio3.trainer.batch import SampleGroup, TrainingSequence
 from megatron_minio3.trainer.step_plan import RoundSummary, SeqKey
 from megatron_minio3.weights.probe import ParityProbe, ProbePrompt, ProbeSequence
@@ -32,9 +34,14 @@ logger = logging.getLogger(__name__)
 
 
 class RolloutRuntime:
-    """`rollout.num_engines` in-process vLLM engines sharing one agent loop; rollout handle number `handle`."""
+    """`rollout.num_engines` in-process vLLM engines sharing one agent loop; rollout handle number `handle`.
 
-    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], *, handle: int, seed_offset: int = 0):
+    With an engine `group` (hybrid placement, rollout.tensor_parallel_size > 1: one engine over several actor
+    ranks, rollout/spmd.py) every rank of the group holds a RolloutRuntime; the leader's serves the calls
+    below and releases the others, which `follow` meanwhile."""
+
+    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], *, handle: int, seed_offset: int = 0,
+                 group: EngineGroup | None = None):
         from megatron_minio3.rewards.manager import RewardManager
         from megatron_minio3.rollout.agent_loop import AgentLoop
         from megatron_minio3.rollout.engine import VllmEngine
@@ -42,11 +49,19 @@ class RolloutRuntime:
         self.cfg = cfg
         self.handle = handle
         # Each handle samples its own stream, and a resumed run must not replay the sampling of its first steps.
+        # (The ranks of one engine group share the handle, hence the seed: they must sample alike.)
         rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + seed_offset + 7919 * handle)
         max_images = max(cfg.rollout.max_images, cfg.eval.max_images if cfg.trainer.eval_every else 0)
+        if group is not None and rollout_cfg.num_engines != 1:
+            raise ValueError("rollout.num_engines must be 1 when an engine spans several ranks")
+        self.group = group
         self.engines = [
-            VllmEngine(rollout_cfg, cfg.model, max_images=max_images) for _ in range(rollout_cfg.num_engines)
+            VllmEngine(rollout_cfg, cfg.model, max_images=max_images, group=group)
+            for _ in range(rollout_cfg.num_engines)
         ]
+        self.leads = group is None or group.is_leader
+        if not self.leads:  # a follower only mirrors the leader's engine calls
+            return
         # vLLM CPU pins its threads and then warns on every request that it ignores torch.set_num_threads.
         logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)
         first = self.engines[0]
@@ -66,6 +81,20 @@ class RolloutRuntime:
 
     # ------------------------------------------------------------------ one step's data
 
+    @contextlib.contextmanager
+    def _phase(self):
+        """A rollout phase on the leader: the followers are released when it ends, however it ends."""
+        try:
+            yield
+        finally:
+            for engine in self.engines:
+                engine.release_followers()
+
+    def follow(self) -> None:
+        """Follower: mirror the leader's engine through one phase (generate_round, probe_rollout, evaluate)."""
+        for engine in self.engines:
+            engine.follow()
+
     def generate_round(self, prompts: Sequence[Prompt], step: int) -> RoundSummary:
         """Roll out rollout.n samples of each prompt, score and group them; keep the groups with a learning
         signal until take_training_shares; return their summaries (step is 1-based, for reward schedules)."""
@@ -73,7 +102,8 @@ class RolloutRuntime:
         from megatron_minio3.trainer.eval import to_reward_input
 
         cfg = self.cfg
-        batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n))
+        with self._phase():
+            batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n))
         results = self.reward.score_sync(
             [to_reward_input(traj) for traj in batch.trajectories], validation=False, step=step - 1,
             total_steps=cfg.trainer.total_steps,
@@ -117,14 +147,16 @@ class RolloutRuntime:
     def probe_rollout(self) -> list[list[ProbeSequence]]:
         """Greedy two-turn probe sequences on every engine of this handle (weights.probe_*), one list per engine."""
         assert self.probe is not None, "probe_rollout without probe prompts"
-        return [asyncio.run(self.probe.rollout(engine, self.loop)) for engine in self.engines]
+        with self._phase():
+            return [asyncio.run(self.probe.rollout(engine, self.loop)) for engine in self.engines]
 
     def evaluate(self, output_dir: str) -> dict:
         """Avg@k on data.val_files with the current weights (trainer/eval.py), written under output_dir."""
         from megatron_minio3.trainer.eval import evaluate
 
         cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, output_dir=output_dir))
-        return evaluate(cfg, engines=self.engines)
+        with self._phase():
+            return evaluate(cfg, engines=self.engines)
 
     def sleep(self, level: int) -> None:
         """Free the engines' accelerator memory (rollout.enable_sleep_mode; a no-op where unsupported):

@@ -142,19 +142,21 @@ def train(args: list[str], capsys) -> str:
     return captured.out
 
 
-LAYOUTS = {  # hybrid placement: one vLLM engine in every actor rank (rollout.tensor_parallel_size = 1)
+LAYOUTS = {  # hybrid placement: one vLLM engine in every actor rank (rollout.tensor_parallel_size = 1) ...
     "single": {},
     "tp2": {"parallel.tp": 2},
     "dp2": {"parallel.dp": 2},
     "pp2": {"parallel.pp": 2},
+    "tp2-engine-tp2": {"parallel.tp": 2, "rollout.tensor_parallel_size": 2},  # ... or one engine over both ranks
 }
+ENGINES = {"single": 1, "tp2": 2, "dp2": 2, "pp2": 2, "tp2-engine-tp2": 1}
 
 
 def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, resume_layout: str) -> None:
     """2 GRPO steps at `layout`, then a third step resumed from the checkpoint at `resume_layout`: real rollouts
     on every engine, rewards, updates and a sync into every engine each step, checked by the probe on every
     engine; the resumed run continues the optimizer, the prompts and the engines' weights exactly."""
-    engines = {name: math.prod(settings.values()) for name, settings in LAYOUTS.items()}  # one per rank
+    engines = ENGINES
     train(overrides(tiny_hf_dir, dataset, out, **{"trainer.total_steps": 2, **LAYOUTS[layout]}), capsys)
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
@@ -222,3 +224,11 @@ def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, 
 def test_hybrid_dp2_two_steps_then_resume_on_one_rank(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys):
     """Two actor ranks, each with its own engine (rollout data parallelism 2); resumed by a single rank."""
     two_steps_then_resume(tiny_hf_dir, dataset, tmp_path / "run", capsys, "dp2", "single")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, resume_layout", [("tp2", "pp2"), ("pp2", "tp2-engine-tp2"), ("tp2-engine-tp2", "dp2")])
+def test_hybrid_layouts_two_steps_then_resume(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys, layout,
+                                              resume_layout):
+    """The other actor layouts, each rank with its engine, and one engine spanning two ranks (vLLM TP2)."""
+    two_steps_then_resume(tiny_hf_dir, dataset, tmp_path / "run", capsys, layout, resume_layout)

@@ -295,3 +295,49 @@ def test_reference_model_counts_in_train_and_stays_when_not_offloaded():
     resident = plan_for(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT,
                         FIT_7B + ["algorithm.kl_coef=0.001", "ref.offload_to_host=false"])
     assert resident.phase("rollout").total - base.phase("rollout").total == params
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from megatron_minio3.data.synthetic import VisualSearchSpec, write_visual_search_dataset
+
+    return write_visual_search_dataset(tmp_path_factory.mktemp("data"), 2, seed=0,
+                                       spec=VisualSearchSpec(width=112, height=112, num_distractors=1))
+
+
+@pytest.mark.parametrize(
+    "config, hf_config, cluster, fits",
+    [
+        (CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, [], True),  # the recipe's node of 8 GPUs
+        (CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, ["cluster.gpus_per_node=4"], False),
+        (CONFIG_32B, QWEN2_5_VL_32B_INSTRUCT, [], True),  # 2 nodes of 8
+        (CONFIG_32B, QWEN2_5_VL_32B_INSTRUCT, ["cluster.num_nodes=1"], False),
+    ],
+)
+def test_trainer_dry_run_of_the_shipped_configs(tmp_path, tiny_data, monkeypatch, capsys, config, hf_config, cluster,
+                                                fits):
+    """`python -m megatron_minio3.trainer.grpo --config ... --dry-run`: every pre-launch check against the model's
+    config.json alone (no weights, no GPU, no worker), the plan printed, exit 0; too few GPUs exit 2 with the
+    reason, before anything starts."""
+    import ray
+
+    from megatron_minio3.trainer.grpo import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(hf_config))
+    monkeypatch.setenv("OPENAI_API_KEY", "unused-by-a-dry-run")  # the configs score with the LLM judge
+    code = main(["--config", str(config), "--dry-run", f"model={model}", f"data.train_files=[{tiny_data}]",
+                 f"data.val_files=[{tiny_data}]",
+                 f"trainer.output_dir={tmp_path / 'run'}", *cluster])
+    out, err = capsys.readouterr()
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    if fits:
+        assert code == 0, out + err
+        assert "verdict: fits" in out and "dry run: every pre-launch check passed" in out
+        gpus = 8 if config == CONFIG_7B else 16
+        assert f"GPUs: {gpus} needed on {gpus // 8} node(s), {gpus} available" in out
+    else:
+        assert code == 2, out + err
+        needed = 8 if config == CONFIG_7B else 16
+        assert "verdict: REJECTED" in out and f"the run needs {needed} GPUs" in err

@@ -104,7 +104,7 @@ def test_training_sequences_carry_group_advantages_and_the_exceed_mask():
 
 def test_engines_span_consecutive_ranks():
     assert engine_handles(4, 1) == [0, 1, 2, 3]
-    assert engine_handles(8, 4) == [0, None, None, None, 1, None, None, None]
+    assert engine_handles(8, 4) == [0, 0, 0, 0, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="must divide the actor's 6 ranks"):
         engine_handles(6, 4)
 
