@@ -80,6 +80,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 continue
         raise fail()
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in get_args(tp):
+            return str(value).lower()  # YAML reads `ref.enabled: true` as a bool; the option is spelt "true"
         if value in get_args(tp):
             return value
         raise fail()

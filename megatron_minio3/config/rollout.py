@@ -36,16 +36,19 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.6
-    # KV cache size in MiB; 0 = derive it from gpu_memory_utilization. On CPU set it (e.g. 1024): vLLM CPU
-    # counts the whole process's memory against gpu_memory_utilization * host RAM otherwise.
+    # KV cache size in MiB; 0 = derive it from gpu_memory_utilization (vLLM ignores that when this is set).
+    # On CPU set it (e.g. 1024): vLLM CPU counts the whole process's memory against
+    # gpu_memory_utilization * host RAM otherwise.
     kv_cache_memory_mb: int = 0
     seed: int = 0
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
-    # Log-probs after temperature/top-p, i.e. of the distribution the tokens were sampled from.
+    # Log-probs after temperature/top-p, i.e. of the distribution the tokens were sampled from. They are only
+    # compared with the actor's (actor/rollout_logprob_diff); the loss uses the actor's recomputed old log-probs.
     logprobs_mode: str = "processed_logprobs"
-    enable_sleep_mode: bool = False  # free GPU memory between rollout phases (CUDA only)
+    # Colocated engines free their weights and KV cache while the actor trains (CUDA only; hybrid placement).
+    enable_sleep_mode: bool = False
     num_engines: int = 1  # engines per rollout process; trajectories are spread over them
     weight_bucket_mb: int = 512  # update_weights sends tensors to the engine in buckets of about this size
 
@@ -60,12 +63,12 @@ class RolloutConfig:
 class EvalConfig:
     k: int = 32  # samples per question; k=1 decodes greedily
     temperature: float = 1.0  # used when k > 1
-    top_p: float = 1.0
+    top_p: float = 1.0  # used when k > 1
     max_turns: int = 12  # recipe: 12 turns and 12 images at evaluation
     max_images: int = 12
     max_prompts: int = 0  # evaluate only the first max_prompts questions of each file (0 = all)
     num_prompts_per_batch: int = 64  # questions whose k rollouts run at once
-    output_dir: str = "outputs/eval"
+    output_dir: str = "outputs/eval"  # standalone evaluation; during GRPO: <trainer.output_dir>/eval/step_N
     save_trajectories: bool = True  # trajectories.jsonl plus every image (raw and model-side crops)
 
     def validate(self) -> None:

@@ -18,9 +18,9 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
-    cp: int = 1
+    cp: int = 1  # context parallelism is not implemented yet: must be 1
     dp: int = 1
-    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
+    # torch.distributed backend: NCCL with CUDA, gloo without (not configurable)
 
     @property
     def world_size(self) -> int:
@@ -30,6 +30,9 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp", "dp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cp != 1:
+            raise ValueError(f"parallel.cp must be 1: context parallelism is not implemented yet (sequences are not "
+                             f"split over CP ranks), got {self.cp}")
 
 
 @dataclass
@@ -73,6 +76,8 @@ class OptimConfig:
             raise ValueError(f"actor.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"actor.optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.lr_schedule == "constant" and self.min_lr != 0:
+            raise ValueError(f"actor.optim.min_lr ({self.min_lr}) only applies to actor.optim.lr_schedule=cosine")
 
 
 @dataclass
@@ -97,6 +102,9 @@ class ActorConfig:
                 f"actor.ppo_mini_batch_size and actor.ppo_epochs must be >= 1, got "
                 f"{self.ppo_mini_batch_size} and {self.ppo_epochs}"
             )
+        if self.freeze_vision_tower and self.freeze_merger and self.freeze_language_model:
+            raise ValueError("actor.freeze_vision_tower, freeze_merger and freeze_language_model are all true: "
+                             "nothing would be trained")
 
 
 @dataclass
@@ -109,8 +117,8 @@ class RefConfig:
 
 @dataclass
 class TrainerConfig:
-    project: str = "megatron_minio3"
-    experiment: str = "grpo"
+    project: str = "megatron_minio3"  # the wandb project (with "wandb" in trainer.loggers)
+    experiment: str = "grpo"  # the wandb run name (with "wandb" in trainer.loggers)
     output_dir: str = "outputs/grpo"
     total_steps: int = 100
     train_batch_size: int = 256  # valid prompts per step (after dynamic sampling)
@@ -171,6 +179,16 @@ class Config:
             )
         if self.rollout.n < 1:
             raise ValueError(f"rollout.n must be >= 1, got {self.rollout.n}")
+        if self.ref.enabled == "true" and self.algorithm.kl_coef <= 0:
+            raise ValueError("ref.enabled=true but algorithm.kl_coef is 0: the reference model would only be used by "
+                             "the KL term; set algorithm.kl_coef > 0 or ref.enabled=auto")
+        if self.ref.enabled == "false" and self.algorithm.kl_coef > 0:
+            raise ValueError(f"algorithm.kl_coef={self.algorithm.kl_coef} needs the reference model: set "
+                             "ref.enabled=auto (or true)")
+        if self.trainer.rollout_placement == "hybrid" and self.trainer.num_rollout_workers != 1:
+            raise ValueError("trainer.num_rollout_workers applies to trainer.rollout_placement=separate; with hybrid "
+                             "the engines live in the actor ranks (rollout data parallelism = ranks / "
+                             "rollout.tensor_parallel_size)")
 
     @property
     def use_reference_model(self) -> bool:

@@ -30,6 +30,9 @@ class WeightsConfig:
         for name in ("probe_every", "probe_num_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"weights.{name} must be >= 0, got {getattr(self, name)}")
+        if self.probe_every and not self.probe_num_prompts:
+            raise ValueError("weights.probe_num_prompts must be >= 1 when weights.probe_every > 0 (set "
+                             "weights.probe_every=0 to turn the probe off)")
         if self.dtype not in EXPORT_DTYPES:
             raise ValueError(f"weights.dtype must be one of {EXPORT_DTYPES}, got {self.dtype!r}")
         if not self.probe_warn_mean_abs_diff > 0:

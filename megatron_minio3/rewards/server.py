@@ -110,23 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8700)
     parser.add_argument(
-        "--token-env", default=DEFAULT_TOKEN_ENV, help="NAME of the environment variable holding the bearer token"
+        "--token-env", default=None,
+        help="NAME of the environment variable holding the bearer token (default: the config's "
+             f"reward.remote.token_env, {DEFAULT_TOKEN_ENV} unless set), so one config configures both ends",
     )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    token = os.environ.get(args.token_env, "") if args.token_env else ""
+    try:
+        reward_cfg = load_config(args.config, args.overrides).reward
+    except ValueError as exc:  # ConfigError included
+        print(f"reward server: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    token_env = args.token_env if args.token_env is not None else reward_cfg.remote.token_env
+    token = os.environ.get(token_env, "") if token_env else ""
     if not token and not is_loopback(args.host):
         print(
             f"refusing to serve on non-loopback address {args.host!r} without a bearer token: "
-            f"set the environment variable {args.token_env} (named by --token-env)",
+            f"set the environment variable {token_env} (reward.remote.token_env, or --token-env)",
             file=sys.stderr,
         )
         return 2
     try:
-        app = build_app(load_config(args.config, args.overrides).reward, token)
-    except ValueError as exc:  # ConfigError included
+        app = build_app(reward_cfg, token)
+    except ValueError as exc:
         print(f"reward server: bad configuration: {exc}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,8 @@ so the record never goes through a decode/re-encode round trip.
 """
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,10 +88,16 @@ def image_pad_runs(token_ids: Sequence[int], pad_id: int) -> list[tuple[int, int
 
 
 class TurnTokenizer:
-    """Encodes the first prompt and the tool-result turns from the templates in DataConfig."""
+    """Encodes the first prompt and the tool-result turns from the templates in DataConfig.
+
+    Thread-safe: the agent loop prepares prompts in worker threads while error turns are encoded on the
+    event loop, and an HF fast tokenizer is not: `split_special_tokens=True` flips a setting of the shared
+    Rust tokenizer for the duration of the call, so a concurrent plain `encode` could split
+    `<|image_pad|>` into text (seen: 179 of 20,000 calls). Every call holds one lock."""
 
     def __init__(self, tokenizer: Any, data_cfg: DataConfig):
         validate_templates(data_cfg)
+        self._lock = threading.RLock()
         self.tokenizer = tokenizer
         self.data_cfg = data_cfg
         self.image_pad_id = self._special_id(IMAGE_PAD)
@@ -109,14 +117,17 @@ class TurnTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Template text: special-token strings in it become special tokens."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        with self._lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def encode_plain(self, text: str) -> list[int]:
         """Untrusted text (e.g. quoting the model): special-token strings stay plain text."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        with self._lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        with self._lock:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def prompt_ids(self, question: str, num_images: int) -> list[int]:
         """The first prompt (chat template, generation prompt included) with one pad token per image."""
@@ -124,7 +135,8 @@ class TurnTokenizer:
         if self.data_cfg.system_prompt:
             messages.append({"role": "system", "content": self.data_cfg.system_prompt})
         messages.append({"role": "user", "content": render_user_text(self.data_cfg, question, num_images)})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.encode(text)
         assert ids.count(self.image_pad_id) == num_images, "chat template changed the number of image markers"
         return ids

@@ -98,9 +98,11 @@ def _check(cfg: Config) -> None:
         raise ValueError("data.val_files: list the Mini-o3 JSON files to evaluate (data.val_files=[a.json,b.json])")
 
 
-def evaluate(cfg: Config, engines: Sequence[Any] | None = None) -> dict[str, Any]:
+def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0, total_steps: int = 1) -> dict[str, Any]:
     """Run the evaluation; returns what is written to metrics.json. `engines` (VllmEngine instances) are
-    built from cfg.rollout / cfg.model when not given, and shut down at the end only in that case."""
+    built from cfg.rollout / cfg.model when not given, and shut down at the end only in that case. `step` (0-based)
+    of `total_steps` drives step schedules of the verifiers (reward.iou dynamic thresholds) during training;
+    a standalone evaluation scores as at step 0."""
     from megatron_minio3.data.minio3_json import read_datasets
     from megatron_minio3.rewards.manager import RewardManager, reward_metrics_by_source
     from megatron_minio3.rollout.agent_loop import AgentLoop
@@ -110,6 +112,8 @@ def evaluate(cfg: Config, engines: Sequence[Any] | None = None) -> dict[str, Any
     prompts = read_datasets(cfg.data.val_files, cfg.data.image_dir, cfg.eval.max_prompts)
     reward = RewardManager(cfg.reward)  # before the engines: a reward config mistake fails fast
     owned = engines is None
+    if owned and cfg.rollout.enable_sleep_mode:
+        raise ValueError("rollout.enable_sleep_mode is for engines colocated with training; set it to false to evaluate")
     if engines is None:
         from megatron_minio3.rollout.engine import VllmEngine
 
@@ -126,7 +130,7 @@ def evaluate(cfg: Config, engines: Sequence[Any] | None = None) -> dict[str, Any
         for first in range(0, len(prompts), batch_size):
             batch = asyncio.run(loop.run(prompts[first : first + batch_size], cfg.eval.k))
             inputs = [to_reward_input(traj) for traj in batch.trajectories]
-            results = reward.score_sync(inputs, validation=True)
+            results = reward.score_sync(inputs, validation=True, step=step, total_steps=total_steps)
             for traj, result in zip(batch.trajectories, results):
                 uids.append(traj.uid)
                 sources.append(traj.data_source)

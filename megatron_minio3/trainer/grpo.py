@@ -66,7 +66,7 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
         raise ValueError(f"data.train_files: {cfg.data.train_files} hold no prompt")
     if cfg.rollout.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for training (sampling), got {cfg.rollout.temperature}")
-    check_placement(cfg)
+    check_placement(cfg, on_gpus=dry_run or cuda_available())
     if dry_run or cuda_available():
         launch = build_launch_plan(cfg, load_hf_config_json(cfg.model))
         if dry_run:
@@ -114,11 +114,13 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
     return RunPlan(prompts, probe_prompts, checkpoints, latest)
 
 
-def check_placement(cfg: Config) -> None:
-    """Where the engines go (workers/placement.py) and the memory keys that only mean something there."""
-    from megatron_minio3.parallel.cpu_compat import cuda_available
-
+def check_placement(cfg: Config, *, on_gpus: bool) -> None:
+    """Where the engines go (workers/placement.py) and the memory keys that only mean something there.
+    `on_gpus`: the run is planned for GPUs (this machine has CUDA, or a dry run plans for `cluster`)."""
     ranks, engine_tp = cfg.parallel.world_size, cfg.rollout.tensor_parallel_size
+    if cfg.rollout.enable_sleep_mode and not on_gpus:
+        raise ValueError("rollout.enable_sleep_mode needs CUDA (vLLM's sleep mode frees GPU memory; the CPU build "
+                         "has none): set it to false here")
     if cfg.trainer.rollout_placement == "hybrid":
         if ranks % engine_tp:
             raise ValueError(
@@ -136,8 +138,9 @@ def check_placement(cfg: Config) -> None:
         if value:
             raise ValueError(f"{key} frees memory for engines that share the actor's devices; with "
                              "trainer.rollout_placement=separate they have their own: set it to false")
-    if not cuda_available() and engine_tp != 1:
-        raise ValueError("rollout.tensor_parallel_size must be 1 on a machine without CUDA (vLLM CPU engines)")
+    if not on_gpus and engine_tp != 1:
+        raise ValueError("rollout.tensor_parallel_size must be 1 with trainer.rollout_placement=separate on a machine "
+                         "without CUDA (vLLM CPU engines in their own process)")
 
 
 class GRPOTrainer:
@@ -248,7 +251,7 @@ class GRPOTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """Avg@k and pass@k per data_source on data.val_files (eval.*), under <output_dir>/eval/step_N."""
         output_dir = self.run_dir / "eval" / f"step_{step:08d}"
-        result = self.workers.evaluate(str(output_dir))
+        result = self.workers.evaluate(str(output_dir), step)
         k = self.cfg.eval.k
         return {
             f"eval/{source}/{name}": row[name]

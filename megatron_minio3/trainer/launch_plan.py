@@ -305,7 +305,7 @@ def _stage_params(cfg: Config, c: ParamCounts, stage: int) -> tuple[int, int]:
 
 
 def _actor_gpu_phases(cfg: Config, d: ModelDims, c: ParamCounts, stage: int, engine_weights: int, engine_kv: int,
-                      image_fraction: float) -> list[PhaseMemory]:
+                      engine_reserve: int, image_fraction: float) -> list[PhaseMemory]:
     """One actor GPU of `stage`, bytes per component. State: params in actor.dtype; grads fp32 (megatron DDP,
     grad_reduce_in_fp32); optimizer = fp32 main params + Adam m and v (12 bytes/param; 8 in fp32) sharded over
     dp*cp (distributed optimizer). actor.offload_to_host_between_phases moves the state off the GPU outside
@@ -323,7 +323,7 @@ def _actor_gpu_phases(cfg: Config, d: ModelDims, c: ParamCounts, stage: int, eng
     engine_resident = hybrid and not cfg.rollout.enable_sleep_mode
     offload = a.offload_to_host_between_phases
     rollout = ({"engine weights": engine_weights, "engine KV cache": engine_kv,
-                "engine activations (reserve)": ENGINE_ACTIVATION_RESERVE_BYTES} if hybrid else {})
+                "engine activations (reserve)": engine_reserve} if hybrid else {})
     rollout |= {"actor state (not offloaded)": 0 if offload else sum(state.values()),
                 "reference model (resident)": ref_resident}
     train = {**state, **_train_activations(cfg, d, stage, image_fraction), "reference model": ref,
@@ -352,7 +352,7 @@ def _memory_problem(m: PhaseMemory, cfg: Config) -> str:
         advice += [] if cfg.actor.recompute_activations else ["actor.recompute_activations=true"]
         budget = cfg.actor.packing.max_tokens_per_microbatch
         advice.append(f"a smaller actor.packing.max_tokens_per_microbatch (now {budget}; it must hold "
-                      f"rollout.max_total_tokens={cfg.rollout.max_total_tokens}) or parallel.cp > 1")
+                      f"rollout.max_total_tokens={cfg.rollout.max_total_tokens})")
     if m.phase in ("rollout", "engine GPU"):
         advice.append(f"a lower rollout.gpu_memory_utilization (now {cfg.rollout.gpu_memory_utilization})")
     advice.append("more parallel.tp or parallel.pp (fewer parameters per GPU), more parallel.dp (a smaller "
@@ -388,24 +388,32 @@ def build_launch_plan(cfg: Config, hf_config: dict[str, Any], image_token_fracti
             f"{nodes_needed} or shrink the parallel layout")
     dtype_bytes = DTYPE_BYTES[r.dtype if r.dtype in DTYPE_BYTES else d.checkpoint_dtype]
     engine_weights, engine_budget = c.total * dtype_bytes // R, int(r.gpu_memory_utilization * gpu_bytes)
-    engine_kv = max(0, engine_budget - engine_weights - ENGINE_ACTIVATION_RESERVE_BYTES)
+    if r.kv_cache_memory_mb > 0:  # an explicit KV cache size: vLLM then ignores gpu_memory_utilization
+        engine_kv = r.kv_cache_memory_mb << 20
+        kv_source = f"rollout.kv_cache_memory_mb={r.kv_cache_memory_mb}"
+    else:
+        engine_kv = max(0, engine_budget - engine_weights - ENGINE_ACTIVATION_RESERVE_BYTES)
+        kv_source = (f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} x {cl.gpu_memory_gb:g} GiB = "
+                     f"{engine_budget / GiB:.1f} GiB minus engine weights {engine_weights / GiB:.1f} GiB minus "
+                     f"{ENGINE_ACTIVATION_RESERVE_BYTES / GiB:.0f} GiB activations")
     kv_per_token = 2 * d.num_layers * d.num_kv_heads * d.head_dim * dtype_bytes // min(R, d.num_kv_heads)
     kv_tokens = engine_kv // kv_per_token
     if kv_tokens < r.max_total_tokens:
         problems.append(
             f"the KV cache holds {kv_tokens} tokens per engine, less than one rollout.max_total_tokens="
-            f"{r.max_total_tokens} sequence: rollout.gpu_memory_utilization={r.gpu_memory_utilization} x "
-            f"{cl.gpu_memory_gb:g} GiB = {engine_budget / GiB:.1f} GiB minus engine weights {engine_weights / GiB:.1f}"
-            f" GiB minus {ENGINE_ACTIVATION_RESERVE_BYTES / GiB:.0f} GiB activations; raise "
-            "rollout.gpu_memory_utilization or rollout.tensor_parallel_size")
+            f"{r.max_total_tokens} sequence: {kv_source}; raise it or rollout.tensor_parallel_size")
+    # rollout.num_engines engines per rollout process share its GPUs: each holds its weights, KV and reserve
+    n = r.num_engines
+    engine_weights, engine_kv, engine_reserve = n * engine_weights, n * engine_kv, n * ENGINE_ACTIVATION_RESERVE_BYTES
     fraction = image_token_bound(cfg, d) if image_token_fraction is None else image_token_fraction
     source = "the bound from data.max_pixels and rollout.max_images" if image_token_fraction is None else "given"
-    per_stage = [_actor_gpu_phases(cfg, d, c, s, engine_weights, engine_kv, fraction) for s in sorted({0, p.pp - 1})]
+    per_stage = [_actor_gpu_phases(cfg, d, c, s, engine_weights, engine_kv, engine_reserve, fraction)
+                 for s in sorted({0, p.pp - 1})]
     phases = [max(candidates, key=lambda m: m.total) for candidates in zip(*per_stage)]
     if not hybrid:
         phases.append(PhaseMemory("engine GPU", "rollout worker GPU", {
             "engine weights": engine_weights, "engine KV cache": engine_kv,
-            "engine activations (reserve)": ENGINE_ACTIVATION_RESERVE_BYTES,
+            "engine activations (reserve)": engine_reserve,
             "2 weight buckets": 2 * cfg.weights.bucket_mb * 2**20, "CUDA context + NCCL": CUDA_OVERHEAD_BYTES}))
     problems += [_memory_problem(m, cfg) for m in phases if m.total > gpu_bytes]
     bundles: list[list[str]] = [[] for _ in range(nodes_needed)]

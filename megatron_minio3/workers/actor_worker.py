@@ -177,9 +177,9 @@ class ActorWorker(RankWorker):
             self._enter_engines_awake()
         self.rollout.follow()
 
-    def evaluate(self, output_dir: str) -> dict:
+    def evaluate(self, output_dir: str, step: int) -> dict:
         self._enter_engines_awake()
-        return self.rollout.evaluate(output_dir)
+        return self.rollout.evaluate(output_dir, step)
 
     def _enter_engines_awake(self) -> None:
         if self.phase == "train":  # engines asleep: bring them back without touching the actor's params
@@ -268,7 +268,7 @@ class ActorWorker(RankWorker):
                                               spatial_merge_size=self.merge_size)
             micro_batches = pack_rank_share(items, list(range(len(items))), self.cfg.actor.packing,
                                             tp_size=self.ctx.tp_size, cp_size=self.ctx.cp_size)
-            scores = self.actor.compute_logprobs(micro_batches)
+            scores = self.actor.compute_logprobs(micro_batches, temperature=1.0)  # vLLM's greedy log-probs: raw
             if not self._writes_results:
                 continue
             scored = {}

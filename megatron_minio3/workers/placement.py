@@ -133,9 +133,9 @@ class TrainingWorkers:
             per_engine.update(report)
         return engine_probe_metrics(per_engine, self.cfg.weights.probe_warn_mean_abs_diff)
 
-    def evaluate(self, output_dir: str) -> dict:
-        """Avg@k on data.val_files on the first rollout handle's engines (trainer/eval.py)."""
-        calls = [self.rollout[0].evaluate.remote(output_dir)]
+    def evaluate(self, output_dir: str, step: int) -> dict:
+        """Avg@k on data.val_files on the first rollout handle's engines (trainer/eval.py) after `step`."""
+        calls = [self.rollout[0].evaluate.remote(output_dir, step)]
         calls += [w.follow.remote("evaluate") for w, handle in zip(self.followers, self.follower_handles) if handle == 0]
         return _get(calls, "rollout.evaluate")[0]
 

@@ -150,13 +150,14 @@ class RolloutRuntime:
         with self._phase():
             return [asyncio.run(self.probe.rollout(engine, self.loop)) for engine in self.engines]
 
-    def evaluate(self, output_dir: str) -> dict:
-        """Avg@k on data.val_files with the current weights (trainer/eval.py), written under output_dir."""
+    def evaluate(self, output_dir: str, step: int) -> dict:
+        """Avg@k on data.val_files with the current weights (trainer/eval.py), written under output_dir; `step`
+        (1-based) is the training step just done."""
         from megatron_minio3.trainer.eval import evaluate
 
         cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, output_dir=output_dir))
         with self._phase():
-            return evaluate(cfg, engines=self.engines)
+            return evaluate(cfg, engines=self.engines, step=step - 1, total_steps=cfg.trainer.total_steps)
 
     def sleep(self, level: int) -> None:
         """Free the engines' accelerator memory (rollout.enable_sleep_mode; a no-op where unsupported):
@@ -192,8 +193,8 @@ class RolloutWorker:
     def probe_rollout(self) -> list[list[ProbeSequence]]:
         return self.runtime.probe_rollout()
 
-    def evaluate(self, output_dir: str) -> dict:
-        return self.runtime.evaluate(output_dir)
+    def evaluate(self, output_dir: str, step: int) -> dict:
+        return self.runtime.evaluate(output_dir, step)
 
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
         """Rank `rank` (>= 1) of the weight group whose rank 0 is the actor's rank 0 (called at the same time)."""

@@ -153,11 +153,14 @@ ENGINES = {"single": 1, "tp2": 2, "dp2": 2, "pp2": 2, "tp2-engine-tp2": 1}
 
 
 def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, resume_layout: str) -> None:
-    """2 GRPO steps at `layout`, then a third step resumed from the checkpoint at `resume_layout`: real rollouts
-    on every engine, rewards, updates and a sync into every engine each step, checked by the probe on every
-    engine; the resumed run continues the optimizer, the prompts and the engines' weights exactly."""
+    """2 GRPO steps at `layout` with the actor's state offloaded between phases, then a third step resumed from the
+    checkpoint at `resume_layout` (state kept resident): real rollouts on every engine, rewards, updates and a
+    sync into every engine each step, checked by the probe on every engine; the resumed run continues the
+    optimizer, the prompts and the engines' weights exactly."""
     engines = ENGINES
-    train(overrides(tiny_hf_dir, dataset, out, **{"trainer.total_steps": 2, **LAYOUTS[layout]}), capsys)
+    # actor params, grads and Adam state parked on host while the engines generate (host-to-host here)
+    first = {"trainer.total_steps": 2, "actor.offload_to_host_between_phases": True, **LAYOUTS[layout]}
+    train(overrides(tiny_hf_dir, dataset, out, **first), capsys)
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2]

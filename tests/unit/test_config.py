@@ -83,6 +83,31 @@ def test_value_checks_across_sections():
         load_config(None, ["parallel.tp=0"])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.backend=gloo"], "unknown config key 'parallel.backend'"),  # chosen from the device, not a key
+    (["parallel.cp=2"], "parallel.cp must be 1: context parallelism is not implemented yet"),
+    (["ref.enabled=true"], "ref.enabled=true but algorithm.kl_coef is 0"),
+    (["ref.enabled=false", "algorithm.kl_coef=0.01"], "algorithm.kl_coef=0.01 needs the reference model"),
+    (["actor.optim.min_lr=1e-7"], "actor.optim.min_lr .* only applies to actor.optim.lr_schedule=cosine"),
+    (["actor.freeze_vision_tower=true", "actor.freeze_merger=true", "actor.freeze_language_model=true"],
+     "nothing would be trained"),
+    (["trainer.num_rollout_workers=2"], "trainer.num_rollout_workers applies to trainer.rollout_placement=separate"),
+    (["weights.probe_num_prompts=0"], "weights.probe_num_prompts must be >= 1 when weights.probe_every > 0"),
+])
+def test_keys_that_would_be_ignored_are_refused(overrides, message):
+    """A key is either acted on or refused where it cannot apply; never accepted and ignored."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_yaml_booleans_select_literal_options(tmp_path):
+    path = tmp_path / "ref.yaml"
+    path.write_text("ref:\n  enabled: true\nalgorithm:\n  kl_coef: 0.01\n")  # unquoted, as people write it
+    cfg = load_config(path)
+    assert cfg.ref.enabled == "true" and cfg.use_reference_model
+    assert load_config(None, ["weights.probe_every=0", "weights.probe_num_prompts=0"]).weights.probe_num_prompts == 0
+
+
 def test_parse_cli_and_dump_round_trip(tmp_path):
     cfg = parse_cli(["--config", str(CONFIGS / "tiny_cpu.yaml"), "rollout.n=3", "model=/m"])
     assert cfg.rollout.n == 3 and cfg.model == "/m"

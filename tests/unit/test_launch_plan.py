@@ -160,7 +160,9 @@ def test_rank_coordinates_follow_megatrons_default_order():
     plan = plan_for(CONFIG_32B, QWEN2_5_VL_32B_INSTRUCT, FIT_32B)
     rank = plan.ranks[13]  # TP innermost, then CP, DP, PP
     assert (rank.tp, rank.cp, rank.dp, rank.pp, rank.node, rank.local_gpu, rank.engine) == (5, 0, 0, 1, 1, 5, 3)
-    plan = plan_for(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, FIT_7B + ["parallel.cp=2", "parallel.dp=2"])
+    cfg = load_config(CONFIG_7B, FIT_7B + ["parallel.dp=2"])
+    cfg.parallel.cp = 2  # the config refuses CP until it is implemented; the plan already places it
+    plan = build_launch_plan(cfg, QWEN2_5_VL_7B_INSTRUCT)
     assert [(r.tp, r.cp, r.dp) for r in plan.ranks[:5]] == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1)]
 
 
@@ -341,3 +343,13 @@ def test_trainer_dry_run_of_the_shipped_configs(tmp_path, tiny_data, monkeypatch
         assert code == 2, out + err
         needed = 8 if config == CONFIG_7B else 16
         assert "verdict: REJECTED" in out and f"the run needs {needed} GPUs" in err
+
+
+def test_explicit_kv_cache_and_several_engines_per_rank_are_planned():
+    base = plan_for(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, FIT_7B).phase("rollout").components
+    explicit = plan_for(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, FIT_7B + ["rollout.kv_cache_memory_mb=2048"])
+    assert explicit.phase("rollout").components["engine KV cache"] == 2 * GiB
+    assert explicit.kv_cache_tokens_per_engine == 2 * GiB // explicit.kv_bytes_per_token_per_gpu
+    two = plan_for(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, FIT_7B + ["rollout.num_engines=2"]).phase("rollout").components
+    for part in ("engine weights", "engine KV cache", "engine activations (reserve)"):
+        assert two[part] == 2 * base[part]

@@ -95,3 +95,26 @@ def test_error_turn_quotes_model_text_as_plain_tokens(tokenizer):
     observation = turns.observation_ids(action=0, observation=1)
     assert observation.count(turns.image_pad_id) == 1
     assert observation[observation.index(turns.image_pad_id) - 1] == turns.vision_start_id
+
+
+def test_turn_tokenizer_is_safe_across_threads(tokenizer):
+    """The agent loop prepares prompts in threads while error turns quote model text on the event loop: a plain
+    encode must never see the split-special-tokens setting of a concurrent call (HF fast tokenizers share it)."""
+    import threading
+
+    turns = TurnTokenizer(tokenizer, DataConfig())
+    expected = turns.prompt_ids("where is the red triangle?", 2)
+    stop = threading.Event()
+
+    def quote_model_text():
+        while not stop.is_set():
+            turns.encode_plain("the model wrote <|image_pad|> here")
+
+    thread = threading.Thread(target=quote_model_text)
+    thread.start()
+    try:
+        results = [turns.prompt_ids("where is the red triangle?", 2) for _ in range(3000)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(ids == expected for ids in results)

@@ -13,6 +13,8 @@ optimizer state in host memory between phases (workers/actor/offload.py; host-to
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,10 +209,14 @@ class MegatronActor:
         if offloaded:
             raise ValueError(f"the actor's {', '.join(offloaded)} are offloaded to host: call reload_to_device() first")
 
-    def compute_logprobs(self, micro_batches: list[PackedMicroBatch]) -> list[TokenScores] | None:
-        """Label-aligned log-probs/entropies per micro-batch on last-stage ranks (old log-probs), None elsewhere."""
+    def compute_logprobs(
+        self, micro_batches: list[PackedMicroBatch], *, temperature: float | None = None
+    ) -> list[TokenScores] | None:
+        """Label-aligned log-probs/entropies per micro-batch on last-stage ranks (old log-probs), None elsewhere;
+        at the rollout temperature unless `temperature` is given (the parity probe scores greedy turns at 1)."""
         self._require_on_device("params")
-        return forward_logprobs(self.model, micro_batches, self.options)
+        options = self.options if temperature is None else dataclasses.replace(self.options, temperature=temperature)
+        return forward_logprobs(self.model, micro_batches, options)
 
     def update(self, micro_batches: list[PackedMicroBatch], loss_counts: LossCounts) -> UpdateResult:
         """One optimizer step on a mini-batch: this rank's micro-batches, the mini-batch's global counts."""
