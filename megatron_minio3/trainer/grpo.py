@@ -164,8 +164,7 @@ class GRPOTrainer:
         total_optimizer_steps = cfg.trainer.total_steps * cfg.actor.ppo_epochs * mini_batches_per_step
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(num_cpus=max(_cpu_count(), cfg.parallel.world_size + cfg.trainer.num_rollout_workers),
-                     include_dashboard=False, log_to_driver=True)
+            _start_ray(cfg)
         self.workers = None
         try:
             removed = plan.checkpoints.remove_incomplete()
@@ -300,6 +299,21 @@ def _layout(cfg: Config) -> dict[str, int]:
 
 def _cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def _start_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (several nodes: `ray start --head` on the first, `ray start
+    --address=HEAD:6379` on the others, see docs/trainer.md), or start a local one on this machine."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        print(f"joined the Ray cluster at {address}: {ray.cluster_resources().get('GPU', 0):g} GPU(s), "
+              f"{len(ray.nodes())} node(s)", flush=True)
+        return
+    ray.init(num_cpus=max(_cpu_count(), cfg.parallel.world_size + cfg.trainer.num_rollout_workers),
+             include_dashboard=False, log_to_driver=True)
 
 
 def main(argv: list[str] | None = None) -> int:

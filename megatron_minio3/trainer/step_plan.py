@@ -64,7 +64,8 @@ class RoundSummary:
 
     groups: list[GroupSummary]
     skipped_reasons: list[str]  # one per prompt skipped (bad image, prompt too long, ...)
-    wall_s: float
+    wall_s: float  # the rollouts
+    reward_s: float = 0.0  # scoring them (after the rollouts)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Collection:
     num_rounds: int = 0
     num_groups: int = 0
     generate_s: float = 0.0
+    reward_s: float = 0.0
 
     @property
     def full(self) -> bool:
@@ -88,6 +90,7 @@ class Collection:
     def add_round(self, per_handle: Sequence[RoundSummary]) -> None:
         self.num_rounds += 1
         self.generate_s += max((r.wall_s for r in per_handle), default=0.0)
+        self.reward_s += max((r.reward_s for r in per_handle), default=0.0)
         for summary in per_handle:
             self.skipped_reasons += summary.skipped_reasons
             for group in summary.groups:
@@ -110,6 +113,7 @@ class Collection:
             **{f"rollout/handle_{h}/num_trajectories": float(n) for h, n in sorted(per_handle.items())},
             **rollout_metrics([s.trajectory for s in self.samples], self.skipped_reasons, self.generate_s),
             **(reward_metrics_by_source(self.samples, [s.reward for s in self.samples]) if self.samples else {}),
+            "rollout/reward_s": self.reward_s,
             "sampling/num_rounds": float(self.num_rounds),
             "sampling/num_groups": float(self.num_groups),
             "sampling/num_kept_groups": float(len(self.kept)),

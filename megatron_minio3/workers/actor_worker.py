@@ -258,7 +258,8 @@ class ActorWorker(RankWorker):
         from megatron_minio3.packing import pack_rank_share
         from megatron_minio3.weights.probe import ParityProbe, parity_metrics
 
-        self._enter_engines_awake()
+        if self.phase != "train":
+            self._enter("sync")  # the policy's params on the device; the engines stay awake
         engines = [seqs for handle in per_handle for seqs in handle]
         report = {}
         for index, sequences in enumerate(engines):

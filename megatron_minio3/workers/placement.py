@@ -260,8 +260,19 @@ def node_bundles(cfg: Config) -> list[tuple[Any, int]]:
         placement_group([{"GPU": 1, "CPU": 1}] * min(per_node, world - first), strategy="STRICT_PACK")
         for first in range(0, world, per_node)
     ]
-    ray.get([group.ready() for group in groups])
+    try:
+        ray.get([group.ready() for group in groups], timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        nodes = [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]]
+        raise ValueError(
+            f"could not place {world} actor ranks as {len(groups)} node(s) of up to {per_node} GPUs "
+            f"(cluster.gpus_per_node) within {PLACEMENT_TIMEOUT_S} s; the Ray cluster's nodes have {nodes} GPUs: start "
+            "the missing nodes (ray start --address=HEAD:6379) or match cluster.* to the machines"
+        ) from None
     return [(groups[rank // per_node], rank % per_node) for rank in range(world)]
+
+
+PLACEMENT_TIMEOUT_S = 300
 
 
 def _cuda_available() -> bool:

@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 from megatron_minio3.config.schema import Config
@@ -55,6 +56,7 @@ class RolloutRuntime:
         if group is not None and rollout_cfg.num_engines != 1:
             raise ValueError("rollout.num_engines must be 1 when an engine spans several ranks")
         self.group = group
+        self._asleep: set[str] = set()  # what the engines' sleep freed
         self.engines = [
             VllmEngine(rollout_cfg, cfg.model, max_images=max_images, group=group)
             for _ in range(rollout_cfg.num_engines)
@@ -104,6 +106,7 @@ class RolloutRuntime:
         cfg = self.cfg
         with self._phase():
             batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n))
+        started = time.perf_counter()
         results = self.reward.score_sync(
             [to_reward_input(traj) for traj in batch.trajectories], validation=False, step=step - 1,
             total_steps=cfg.trainer.total_steps,
@@ -122,7 +125,7 @@ class RolloutRuntime:
                 group, handle=self.handle, group_id=group_id, keep=keep,
                 drop_reason="reward_failed" if failed else "no_reward_spread", algorithm=cfg.algorithm,
             ))
-        return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s)
+        return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s, time.perf_counter() - started)
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]) -> list[list[TrainingSequence]]:
         """requests[d]: keys of this handle's sequences that data-parallel rank d trains on. Returns one list per
@@ -162,12 +165,18 @@ class RolloutRuntime:
     def sleep(self, level: int) -> None:
         """Free the engines' accelerator memory (rollout.enable_sleep_mode; a no-op where unsupported):
         level 1 moves the weights to host and drops the KV cache, level 2 drops both."""
-        for engine in self.engines:
-            engine.sleep(level)
+        if self._asleep:
+            return
+        if all([engine.sleep(level) for engine in self.engines]):
+            self._asleep = {"weights", "kv_cache"}
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        for engine in self.engines:
-            engine.wake_up(tags)
+        """Bring back what sleep freed (all of it, or the given tags: "weights", "kv_cache"); a no-op when awake."""
+        waking = sorted(self._asleep if tags is None else self._asleep & set(tags))
+        if waking:
+            for engine in self.engines:
+                engine.wake_up(waking)
+            self._asleep -= set(waking)
 
     def shutdown(self) -> None:
         for engine in self.engines:
