@@ -55,26 +55,22 @@ class ModelDims:
 
 
 def read_model_dims(hf_config: dict[str, Any]) -> ModelDims:
-    """Text fields at the top level (released checkpoints) or under "text_config" (transformers >= 5)."""
-    text, vision = hf_config.get("text_config") or hf_config, hf_config.get("vision_config") or {}
-    required = {"vocab_size": (text, "vocab_size"), "hidden_size": (text, "hidden_size"),
-                "num_layers": (text, "num_hidden_layers"), "num_attention_heads": (text, "num_attention_heads"),
-                "intermediate_size": (text, "intermediate_size"), "vision_depth": (vision, "depth"),
-                "vision_hidden_size": (vision, "hidden_size"),
-                "vision_intermediate_size": (vision, "intermediate_size"),
-                "vision_out_hidden_size": (vision, "out_hidden_size")}
-    for section, key in required.values():
-        if key not in section:
-            where = "vision_config." if section is vision else "text_config." if "text_config" in hf_config else ""
-            raise ValueError(f"config.json: missing {where}{key} (is this a Qwen2.5-VL checkpoint?)")
-    dtype = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or text.get("torch_dtype") or "bfloat16")
+    """The sizes that matter, from the checkpoint's config.json as the model reads it (parse_hf_config: both
+    config.json layouts, the architecture checked); only the checkpoint dtype is read here."""
+    from megatron_minio3.models.qwen2_5_vl.config import parse_hf_config
+
+    cfg = parse_hf_config(hf_config)
+    text, vision = cfg.text, cfg.vision
+    dtype = str(hf_config.get("torch_dtype") or hf_config.get("dtype")
+                or (hf_config.get("text_config") or {}).get("torch_dtype") or "bfloat16")
     return ModelDims(
-        **{name: int(section[key]) for name, (section, key) in required.items()},
-        num_kv_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
-        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
-        patch_size=int(vision.get("patch_size", 14)), temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-        in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, num_layers=text.num_layers,
+        num_attention_heads=text.num_attention_heads, num_kv_heads=text.num_kv_heads,
+        intermediate_size=text.intermediate_size, tie_word_embeddings=text.tie_word_embeddings,
+        vision_depth=vision.depth, vision_hidden_size=vision.hidden_size,
+        vision_intermediate_size=vision.intermediate_size, vision_out_hidden_size=vision.out_hidden_size,
+        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+        spatial_merge_size=vision.spatial_merge_size, in_channels=vision.in_channels,
         checkpoint_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16")
 
 

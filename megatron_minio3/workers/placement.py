@@ -25,12 +25,26 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from megatron_minio3.config.schema import Config
 from megatron_minio3.data.minio3_json import Prompt
-from megatron_minio3.trainer.step_plan import RoundSummary, StepPlan
+from megatron_minio3.trainer.step_plan import RoundSummary, SeqKey, StepPlan
+from megatron_minio3.weights.probe import ProbeSequence
 from megatron_minio3.workers.group import WorkerGroup
+
+
+class RolloutHandle(Protocol):
+    """The methods of a rollout handle (an engine-leading ActorWorker in hybrid placement, a RolloutWorker in
+    separate placement) that TrainingWorkers calls through Ray; both classes implement them."""
+
+    def generate_round(self, prompts: Sequence[Prompt], step: int) -> RoundSummary: ...
+
+    def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]) -> Any: ...  # one value per dp rank
+
+    def probe_rollout(self) -> list[list[ProbeSequence]]: ...
+
+    def evaluate(self, output_dir: str, step: int) -> dict: ...
 
 
 class WorkerCrashed(RuntimeError):
@@ -73,7 +87,7 @@ class TrainingWorkers:
     cfg: Config
     actors: WorkerGroup
     coords: list[dict]  # per actor rank: rank, tp/pp/cp/dp rank, writes_results
-    rollout: list  # the rollout handles: engine-leading actor ranks (hybrid) or RolloutWorkers (separate)
+    rollout: list  # Ray handles of RolloutHandle: engine-leading actor ranks (hybrid) or RolloutWorkers (separate)
     rollout_workers: list = field(default_factory=list)  # separate placement
     followers: list = field(default_factory=list)  # hybrid, R > 1: the other ranks of each handle's engine
     follower_handles: list = field(default_factory=list)  # the handle each follower belongs to
