@@ -104,6 +104,8 @@ class VllmEngine:
             from vllm.engine.arg_utils import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine
 
+            if self.group is not None:
+                _name_external_launcher_run()
             engine = LLMEngine.from_engine_args(EngineArgs(**self._engine_args))
         except BaseException as exc:  # noqa: BLE001 - handed to the constructor, which re-raises it
             started.set_exception(exc)
@@ -299,10 +301,7 @@ class VllmEngine:
                 if bucket_bytes >= bucket_limit:
                     self._reload(bucket)
                     bucket, bucket_bytes = [], 0
-            if bucket:
-                self._reload(bucket)
-            self._call(lambda engine: engine.collective_rpc(_repack_tied_lm_head))
-            self.reset_caches()
+            self._reload(bucket, finish=True)  # the last reload, the tied lm_head and the caches: one hand-off
         finally:
             self._updating = False
         return num_tensors
@@ -311,11 +310,14 @@ class VllmEngine:
         """Drop the prefix KV cache, cached encoder outputs and processed images (between phases only)."""
         self._call(_reset_caches)
 
-    def _reload(self, bucket: list[tuple[str, Any]]) -> None:
-        """One vLLM in-place reload call. vLLM checks every call against the whole model and warns about each
-        module the call did not bring ("Failed to load weights", one line per module, then every parameter name
-        in "Following weights were not loaded"): the normal case when a sync spans several calls, ~70 lines and
-        ~5 % of a CPU sync per call. Those two warnings are dropped unless vLLM logs at DEBUG level."""
+    def _reload(self, bucket: list[tuple[str, Any]], *, finish: bool = False) -> None:
+        """One call on the engine thread: vLLM's in-place reload of `bucket` (if any); with `finish`, then the
+        tied lm_head repack and the cache resets that end an update.
+
+        vLLM checks every reload call against the whole model and warns about each module the call did not bring
+        ("Failed to load weights", a line per module, then every parameter name in "Following weights were not
+        loaded"): the normal case when an update spans several calls, ~70 lines per call and ~5 % of a CPU sync
+        here. Those two warnings are dropped unless vLLM logs at DEBUG level."""
 
         def partial_reload_noise(record: logging.LogRecord) -> bool:
             message = str(record.msg)
@@ -329,7 +331,15 @@ class VllmEngine:
             reload_logger = logging.getLogger(name)
             if not any(getattr(f, "minio3_partial_reload", False) for f in reload_logger.filters):
                 reload_logger.addFilter(partial_reload_noise)
-        self._call(lambda engine: engine.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket}))
+
+        def run(engine: Any) -> None:
+            if bucket:
+                engine.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+            if finish:
+                engine.collective_rpc(_repack_tied_lm_head)
+                _reset_caches(engine)
+
+        self._call(run)
 
     @property
     def supports_sleep(self) -> bool:
@@ -360,6 +370,30 @@ class VllmEngine:
             self._thread.join()
         for request_id in list(self._pending):
             self._resolve(request_id, error=RuntimeError("vLLM engine shut down"))
+
+
+def _name_external_launcher_run() -> None:
+    """Give this run's external-launcher engines their own shared-memory names.
+
+    vLLM CPU's tensor-parallel communicator names its /dev/shm segments after the worker's
+    distributed_init_method, which the external launcher always sets to "env://": every run on a machine (two
+    engineers' test runs, or a run after one that was killed and left its segments) would open the same
+    segments ("create shm in SHMManager failed. errno: 17", or worse, shared buffers). With torch.distributed
+    already initialised the method is not used to connect, so name it after this run's rendezvous port, which
+    every rank of the world shares and no other live run on the host has."""
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
+
+    if getattr(ExecutorWithExternalLauncher._distributed_args, "names_the_run", False):
+        return
+    original = ExecutorWithExternalLauncher._distributed_args
+
+    def distributed_args(self):
+        _, rank, local_rank = original(self)
+        run = f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ['MASTER_PORT']}".replace("/", "_")
+        return f"file:///minio3-{run}", rank, local_rank  # the CPU worker takes the basename as the shm prefix
+
+    distributed_args.names_the_run = True
+    ExecutorWithExternalLauncher._distributed_args = distributed_args
 
 
 def _repack_tied_lm_head(worker: Any) -> list[str]:

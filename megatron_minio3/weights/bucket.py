@@ -26,17 +26,23 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Full HF tensors laid end to end in one flat buffer (one dtype)."""
+    """Full HF tensors of one dtype: laid end to end in one flat buffer, or, for an engine in the exporting
+    process, given as `tensors` (in entry order; views of the exporter's parameters where no copy was needed,
+    `flat` then holds only the tensors that had to be assembled). Only flat buckets travel between processes."""
 
     flat: torch.Tensor
     entries: tuple[TensorEntry, ...]
+    tensors: tuple[torch.Tensor, ...] | None = None
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        if self.tensors is not None:
+            return [(entry.name, tensor) for entry, tensor in zip(self.entries, self.tensors)]
         return bucket_views(self.flat, self.entries)
 
     @property
     def num_bytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size()
+        """Bytes of its HF tensors (what the bucket carries, wherever they live)."""
+        return sum(entry.numel for entry in self.entries) * self.flat.element_size()
 
 
 def bucket_views(flat: torch.Tensor, entries: Sequence[TensorEntry]) -> list[tuple[str, torch.Tensor]]:

@@ -16,9 +16,16 @@ biases into ``qkv_proj``, gate/up into ``gate_up_proj``, a weight and its bias).
 re-creates a module from the tensors of one reload call and leaves whatever that call did not bring
 uninitialised, so a module's tensors must arrive together. Buckets also never span pipeline stages.
 
-Memory per rank: the current bucket, plus while a tensor is gathered its cast shard and, for tensors split
-along a dimension other than 0, a gather buffer of the tensor's size. A reload group larger than the bucket
-size is a bucket of its own.
+Memory per rank: one bucket buffer (the size of the largest bucket, reused by every bucket of an export, so
+its pages are faulted in once per sync rather than once per bucket), plus while a tensor is gathered its cast
+shard (only when the dtype changes) and, for tensors split along a dimension other than 0, one gather buffer
+of the largest such tensor (reused too). A reload group larger than the bucket size is a bucket of its own.
+
+Views (``buckets(views=True)``, for an engine in this process): a tensor this rank holds whole (TP=1, or not
+split over TP) in the export dtype is handed out as a view of the live parameter, no copy, wherever the layout
+allows (plain tensors, [gate; up] halves, the reshaped patch embedding); re-laid-out parts (the interleaved
+QKV) are fresh tensors, and only TP-gathered tensors use the bucket buffer. The engine copies what it loads,
+so the views must not outlive the bucket (they alias the parameters the optimizer updates).
 """
 from __future__ import annotations
 
@@ -187,6 +194,7 @@ class WeightExporter:
         self.pp_ranks = dist.get_process_group_ranks(self.pp_group)
         self.local = local_shards(global_named_parameters(model), self.cfg, naming, self.tp_size)
         self._plan: list[BucketPlan] | None = None
+        self._gather_scratch: torch.Tensor | None = None  # row-parallel gather buffer, during an export only
 
     def plan(self) -> list[BucketPlan]:
         """The buckets, the same on every rank (collective over the pipeline group on the first call)."""
@@ -198,38 +206,96 @@ class WeightExporter:
             self._plan = plan_buckets(owned, self.bucket_bytes, element_size)
         return self._plan
 
-    def buckets(self) -> Iterator[Bucket]:
+    def buckets(self, *, views: bool = False) -> Iterator[Bucket]:
         """Every bucket, in plan order, on every rank. Collective: all ranks iterate to the end together.
 
-        A yielded bucket is a fresh buffer: consumers may keep its tensors; the exporter keeps no reference.
+        A bucket's tensors are valid until the next bucket is requested: its buffer is reused for the next one.
+        Consumers copy what they keep (engines load, broadcasts send, writers write before asking for more).
+        views=True (the consumer is an engine in this process; see the module docstring): tensors held whole
+        are views of the parameters and the bucket's `flat` holds only the TP-gathered ones. Ignored with more
+        than one pipeline stage (the broadcast needs the flat buffer). The collectives are the same either way.
         """
-        for plan in self.plan():
-            flat = torch.empty(plan.numel, dtype=self.dtype, device=self.device)
-            if plan.stage == self.pp_rank:
-                self._fill(flat, plan)
-            if len(self.pp_ranks) > 1:
-                dist.broadcast(flat, src=self.pp_ranks[plan.stage], group=self.pp_group)
-            yield Bucket(flat, plan.entries)
-            del flat
+        plans = self.plan()
+        views = views and len(self.pp_ranks) == 1
+        if views:
+            plans_numel = [sum(self._gathered_numel(rule) for rule in plan.rules) for plan in plans]
+        else:
+            plans_numel = [plan.numel for plan in plans]
+        buffer = torch.empty(max(plans_numel, default=0), dtype=self.dtype, device=self.device)
+        try:
+            for plan, numel in zip(plans, plans_numel):
+                flat = buffer.narrow(0, 0, numel)
+                if views:
+                    yield Bucket(flat, plan.entries, self._views(flat, plan))
+                    continue
+                if plan.stage == self.pp_rank:
+                    self._fill(flat, plan)
+                if len(self.pp_ranks) > 1:
+                    dist.broadcast(flat, src=self.pp_ranks[plan.stage], group=self.pp_group)
+                yield Bucket(flat, plan.entries)
+        finally:
+            self._gather_scratch = None
+            del buffer
 
-    @torch.no_grad()  # not on the generator: its wrapper would keep the previous bucket alive while filling
+    def _gathered_numel(self, rule: ParamRule) -> int:
+        """Elements of a rule's HF tensors that travel through a TP all-gather (0 when this rank holds it whole)."""
+        return 0 if rule.tp_dim is None or self.tp_size == 1 else math.prod(rule.megatron_shape)
+
+    @torch.no_grad()
+    def _views(self, flat: torch.Tensor, plan: BucketPlan) -> tuple[torch.Tensor, ...]:
+        """The bucket's HF tensors in entry order: views of (or fresh parts made from) the parameters held
+        whole, and the TP-gathered ones gathered into `flat`, laid end to end."""
+        tensors: list[torch.Tensor] = []
+        entries = iter(plan.entries)
+        offset = 0
+        for rule in plan.rules:
+            rule_entries = [next(entries) for _ in rule.hf_names]
+            if self._gathered_numel(rule) == 0:
+                shard = self.local[rule.megatron_name].detach().to(self.dtype)
+                tensors += [part.contiguous() for part in rule.layout.to_parts(shard)]
+                continue
+            outs = []
+            for entry in rule_entries:
+                outs.append(flat.narrow(0, offset, entry.numel).view(entry.shape))
+                offset += entry.numel
+            self._gather_into(rule, outs)
+            tensors += outs
+        return tuple(tensors)
+
+    @torch.no_grad()  # not on the generator: its wrapper would enter and leave no-grad around every yield
     def _fill(self, flat: torch.Tensor, plan: BucketPlan) -> None:
         views = iter(bucket_views(flat, plan.entries))
         for rule in plan.rules:
             self._gather_into(rule, [view for _, view in (next(views) for _ in rule.hf_names)])
 
     def _gather_into(self, rule: ParamRule, outs: list[torch.Tensor]) -> None:
-        shard = self.local[rule.megatron_name].detach().to(self.dtype)
+        param = self.local[rule.megatron_name].detach()
+        if rule.tp_dim is None or self.tp_size == 1:
+            for out, part in zip(outs, rule.layout.to_parts(param)):
+                out.copy_(part)  # casts on the way: no cast copy of the whole tensor first
+            return
+        shard = param.to(self.dtype)
         for out, part in zip(outs, rule.layout.to_parts(shard)):
-            if rule.tp_dim is None or self.tp_size == 1:
-                out.copy_(part)
-            elif rule.tp_dim == 0:  # rank chunks are consecutive row blocks: gather in place
+            if rule.tp_dim == 0:  # rank chunks are consecutive row blocks: gather in place
                 dist.all_gather_into_tensor(out, part.contiguous(), group=self.tp_group)
             else:
-                gathered = torch.empty((self.tp_size * part.shape[0], *part.shape[1:]), dtype=self.dtype,
-                                       device=self.device)
+                gathered = self._scratch(self.tp_size * part.numel()).view(self.tp_size * part.shape[0],
+                                                                            *part.shape[1:])
                 dist.all_gather_into_tensor(gathered, part.contiguous(), group=self.tp_group)
                 assemble_hf_part(gathered.view(self.tp_size, *part.shape), rule.tp_dim, out=out)
+
+    def _scratch(self, numel: int) -> torch.Tensor:
+        """A gather buffer of at least `numel` elements, kept for the rest of the export (sized to the largest
+        row-parallel part on first use, so it is allocated once per sync)."""
+        if self._gather_scratch is None or self._gather_scratch.numel() < numel:
+            largest = max(
+                (math.prod(shape) for plan in self.plan() for rule in plan.rules
+                 if rule.tp_dim not in (None, 0) for shape in rule.hf_shapes()),
+                default=0,
+            )
+            self._gather_scratch = None
+            self._gather_scratch = torch.empty(max(numel, largest), dtype=self.dtype, device=self.device)
+        return self._gather_scratch.narrow(0, 0, numel)
 
     def tensor_specs(self) -> list[TensorSpec]:
         return [TensorSpec(e.name, e.shape, self.dtype) for plan in self.plan() for e in plan.entries]

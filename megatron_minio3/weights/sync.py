@@ -64,7 +64,8 @@ class WeightTarget(Protocol):
         """Called once before the first bucket, with every bucket's entries."""
 
     def push(self, bucket: Bucket) -> None:
-        """Must return only when the bucket's memory may be released."""
+        """Must return only when the bucket's memory may be reused (the next bucket overwrites the buffer; a
+        view bucket's tensors are the live parameters)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ def sync_weights(exporter, targets: Sequence[WeightTarget]) -> SyncStats:
     for target in targets:
         target.begin([plan.entries for plan in plans], exporter.dtype)
     num_tensors = num_bytes = 0
-    for bucket in exporter.buckets():
+    # Engines in this process load views of the parameters (no bucket copy); anything else needs flat buffers.
+    views = bool(targets) and all(getattr(target, "accepts_views", False) for target in targets)
+    for bucket in exporter.buckets(views=views):
         for target in targets:
             target.push(bucket)
         num_tensors += len(bucket.entries)
@@ -104,7 +107,10 @@ def sync_weights(exporter, targets: Sequence[WeightTarget]) -> SyncStats:
 
 
 class InProcessTarget:
-    """An engine living in this process: buckets are loaded directly, no copy."""
+    """An engine living in this process: buckets are loaded directly, no copy. It takes view buckets
+    (WeightExporter.buckets(views=True)): the engine copies what it loads before push returns."""
+
+    accepts_views = True
 
     def __init__(self, engine: WeightEngine):
         self.engine = engine

@@ -163,3 +163,26 @@ def test_colocated_sync_parity_and_peak_memory(mid_hf_dir, tmp_path):
     assert result["export_extra_peak_bytes"] <= 1.25 * result["largest_bucket_bytes"], result
     # the export plus vLLM's in-place reload: within 2 buckets + the largest tensor
     assert result["sync_extra_peak_bytes"] <= 2 * bucket_bytes + result["largest_tensor_bytes"], result
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_view_buckets_equal_flat_buckets(tiny_hf_dir, tmp_path, tp):
+    """What an engine in the trainer's process loads (views of the parameters, TP-gathered tensors in the bucket
+    buffer) is what other processes get (flat buckets) and what the checkpoint holds, in the checkpoint's dtype
+    and cast to bfloat16."""
+    run_torchrun(SCRIPTS / "wsync_views.py", tp,
+                 ["--hf-dir", tiny_hf_dir, "--out-dir", tmp_path, "--bucket-bytes", BUCKET_BYTES, "--tp", tp],
+                 timeout=300)
+    result = json.loads((tmp_path / "result.json").read_text())
+    for dtype, r in result.items():
+        assert r["num_buckets"] > 3 and r["same_names"] and r["contiguous"], (dtype, r)
+        assert r["mismatched"] == [] and r["differs_from_checkpoint"] == [], (dtype, r)
+        assert r["flat_buffers"] == 1 and (r["view_flat_numel"] == 0) == (tp == 1), (dtype, r)
+    assert result["bfloat16"]["aliasing"] == []  # a cast is a copy
+    aliasing = set(result["float32"]["aliasing"])
+    assert any(name.endswith("layernorm.weight") for name in aliasing)  # not split over TP: always a view
+    assert not any(name.endswith(("q_proj.weight", "k_proj.bias")) for name in aliasing)  # re-laid-out
+    # language-model tensors split over TP: at TP=1 views of the parameters; at TP=2 gathered into the buffer
+    split = {name for name in aliasing if name.endswith("embed_tokens.weight") or (
+        ".layers." in name and name.endswith(("gate_proj.weight", "up_proj.weight", "o_proj.weight")))}
+    assert bool(split) == (tp == 1), split
