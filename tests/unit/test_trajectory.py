@@ -103,17 +103,19 @@ def test_turn_tokenizer_is_safe_across_threads(tokenizer):
     import threading
 
     turns = TurnTokenizer(tokenizer, DataConfig())
-    expected = turns.prompt_ids("where is the red triangle?", 2)
+    template = "<|vision_start|><|image_pad|><|vision_end|> where is it?"
+    expected = turns.encode(template)
+    assert expected.count(turns.image_pad_id) == 1
     stop = threading.Event()
 
     def quote_model_text():
         while not stop.is_set():
-            turns.encode_plain("the model wrote <|image_pad|> here")
+            turns.encode_plain("the model wrote <|image_pad|> here " * 40)
 
     thread = threading.Thread(target=quote_model_text)
     thread.start()
     try:
-        results = [turns.prompt_ids("where is the red triangle?", 2) for _ in range(3000)]
+        results = [turns.encode(template) for _ in range(20000)]
     finally:
         stop.set()
         thread.join()
