@@ -4,13 +4,16 @@
 
 Every key is checked against the dataclass tree: an unknown key names its source (file or command line)
 and suggests the nearest valid key; a value of the wrong type names the key, the expected type and the
-value. Section `validate()` methods run afterwards, then the root's cross-section checks. All of this
-happens before any worker or engine starts.
+value; a float that is NaN or infinite (`.nan`, `inf`, `1e999`) is refused wherever it sits in the tree.
+A file that cannot be read (a directory, not UTF-8, a YAML syntax error, a `defaults:` cycle) is named with
+the line where the parser stopped, on one line. Section `validate()` methods run afterwards, then the root's
+cross-section checks. All of this happens before any worker or engine starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -24,6 +27,10 @@ from megatron_minio3.config.schema import Config
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message says where and what."""
+
+
+class _NonFiniteError(ConfigError):
+    """A NaN or infinite float: refused for every option of a union, not just the one tried."""
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -62,7 +69,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Returns `value` converted to type `tp`, or raises ConfigError naming the key."""
 
     def fail() -> ConfigError:
-        return ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        shown = repr(value)
+        shown = shown if len(shown) <= 200 else shown[:197] + "..."
+        return ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, got {shown} ({type(value).__name__})")
 
     origin = get_origin(tp)
     if tp is Any:
@@ -76,6 +85,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 continue
             try:
                 return _coerce(value, option, key, source)
+            except _NonFiniteError:
+                raise
             except ConfigError:
                 continue
         raise fail()
@@ -115,13 +126,17 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise fail()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail() from None
-        raise fail()
+        else:
+            raise fail()
+        if not math.isfinite(number):
+            raise _NonFiniteError(f"{source}: '{key}' must be a finite number, got {number}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -183,18 +198,45 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"command line: override {text!r} is not of the form section.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML (or nested past the parser's depth): a plain string
         value = raw
     return key, value
 
 
-def _read_yaml(path: Path) -> dict:
+def _yaml_error(path: Path, err: yaml.YAMLError) -> ConfigError:
+    """One line: the file, the line and column where the parser stopped (1-based), what it found."""
+    if isinstance(err, yaml.MarkedYAMLError) and (err.problem_mark or err.context_mark):
+        mark = err.problem_mark or err.context_mark
+        what = ", ".join(part for part in (err.context, err.problem) if part)
+        return ConfigError(f"config file {path}, line {mark.line + 1}, column {mark.column + 1}: "
+                           f"{' '.join(what.split())}")
+    return ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping of one file with its `defaults:` chain merged in; `chain` holds the files that led here."""
+    named_by = f" (named by 'defaults' in {chain[-1]})" if chain else ""
+    if path.resolve() in [p.resolve() for p in chain]:
+        start = [p.resolve() for p in chain].index(path.resolve())
+        cycle = " -> ".join(str(p) for p in (*chain[start:], path))
+        raise ConfigError(f"config file {chain[-1]}: 'defaults' cycle: {cycle}")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file{named_by}")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist{named_by}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start}){named_by}") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}{named_by}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise _yaml_error(path, err) from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: nested too deeply to read") from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
@@ -202,7 +244,7 @@ def _read_yaml(path: Path) -> dict:
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"config file {path}: 'defaults' must be a file name")
-        data = _merge(_read_yaml(path.parent / base), data)
+        data = _merge(_read_yaml(path.parent / base, (*chain, path)), data)
     return data
 
 

@@ -64,6 +64,9 @@ class RemoteRewardConfig:
     urls: list[str] = field(default_factory=list)  # empty = score in-process
     token_env: str = "MINIO3_REWARD_TOKEN"  # NAME of the env variable holding the bearer token
     timeout_s: float = 900.0  # one HTTP request carries a whole chunk of samples
+    # Largest /score body: the server answers HTTP 413 above it; the client splits its chunks to stay under it
+    # (a single sample larger than this fails with that reason).
+    max_request_bytes: int = 32 * 2**20
 
 
 @dataclass
@@ -80,6 +83,11 @@ class RewardConfig:
     tool_call_penalty: float = 0.0
     tool_error_penalty: float = 0.0
     tool_use_bonus: float = 0.0
+    # Rule-based verifiers (mc, exact, math, iou, registered sync functions) run in `verifier_workers` worker
+    # processes; a sample not scored within `verifier_timeout_s` seconds has its worker killed and fails
+    # ("no verdict within ..."), like any verifier failure. 0 = score in the calling process, with no limit.
+    verifier_timeout_s: float = 10.0
+    verifier_workers: int = 2
     # Training: a sample whose verifier failed gets score NaN and its whole group should be dropped.
     # False: it scores 0 (still flagged failed and counted). Validation always scores it 0.
     drop_failed_groups: bool = True

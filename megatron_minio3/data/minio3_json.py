@@ -3,9 +3,15 @@
 Image paths are relative to a base image directory (the JSON file's folder when none is given). Rows may
 carry an optional "verifier" name that overrides the data_source -> verifier mapping of the reward stage.
 Images are not opened here: the rollout loads them, so a missing or corrupt file skips one sample only.
+
+Every row names its images: a row without the key `images` is an error (a misspelt key would otherwise
+turn a visual question into a text-only one); a text-only row says so with `"images": []`.
+A file that cannot be read (a directory, not UTF-8, not strict JSON: NaN/Infinity, nesting too deep, a
+number too long) raises ValueError naming the file.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +43,52 @@ def _required_str(row: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed file, or ValueError naming it: strict JSON (no NaN/Infinity), UTF-8 text."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a dataset file (give the JSON file inside it)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: dataset file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                         "save the file as UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to read") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer past Python's digit limit
+        raise ValueError(f"{path}: not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _row_images(row: dict[str, Any], where: str) -> list[str]:
+    if "images" not in row:
+        close = difflib.get_close_matches("images", [k for k in row if isinstance(k, str)], n=1, cutoff=0.6)
+        hint = f"; did you mean 'images' for {close[0]!r}?" if close else ""
+        raise ValueError(f"{where}: missing key 'images'{hint} (a list of image paths; write \"images\": [] "
+                         "for a text-only row)")
+    images = row["images"]
+    if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
+        raise ValueError(f"{where}: key 'images' must be a list of relative paths")
+    for i, item in enumerate(images):
+        if not item.strip():
+            raise ValueError(f"{where}: 'images[{i}]' is an empty path")
+    return images
+
+
 def read_minio3_json(path: str | Path, image_dir: str | Path | None = None) -> list[Prompt]:
     """Read one Mini-o3 JSON file. Raises ValueError naming the file, row and key at fault."""
     path = Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: dataset file not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    rows = _read_json(path)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
     base = Path(image_dir) if image_dir else path.parent
@@ -56,9 +99,7 @@ def read_minio3_json(path: str | Path, image_dir: str | Path | None = None) -> l
         where = f"{path} row {index}"
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
-        images = row.get("images", [])
-        if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
-            raise ValueError(f"{where}: key 'images' must be a list of relative paths")
+        images = _row_images(row, where)
         problem = _required_str(row, "problem", where)
         solution = _required_str(row, "solution", where)
         data_source = _required_str(row, "data_source", where)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 
@@ -26,6 +27,23 @@ def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
         end = start + base + (1 if part < extra else 0)
         ranges.append((start, end))
         start = end
+    return ranges
+
+
+_PAYLOAD_OVERHEAD_BYTES = 256  # {"inputs": [...], "validation": ..., "step": ..., "total_steps": ...}
+
+
+def split_by_size(sizes: list[int], max_bytes: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges, each as long as possible with sum(sizes) + separators within
+    `max_bytes`; an item larger than `max_bytes` alone gets a range of its own (the caller refuses it)."""
+    ranges, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size + 1 > max_bytes:
+            ranges.append((start, index))
+            start, total = index, 0
+        total += size + 1
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
     return ranges
 
 
@@ -93,8 +111,33 @@ class RemoteRewardClient:
         step: int,
         total_steps: int,
     ) -> list[RewardResult]:
+        """One server's share, in requests of at most `reward.remote.max_request_bytes` (one after another)."""
+        items = [inp.to_dict() for inp in chunk]
+        sizes = [len(json.dumps(item).encode()) for item in items]
+        limit = self.cfg.max_request_bytes - _PAYLOAD_OVERHEAD_BYTES
+        results: list[RewardResult] = []
+        for start, end in split_by_size(sizes, limit):
+            if end - start == 1 and sizes[start] > limit:
+                results += _all_failed(chunk[start:end], (
+                    f"sample {chunk[start].uid!r} is {sizes[start]} bytes as JSON, more than a request may carry "
+                    f"(reward.remote.max_request_bytes={self.cfg.max_request_bytes})"
+                ))
+                continue
+            results += await self._post(http, url, chunk[start:end], items[start:end], validation, step, total_steps)
+        return results
+
+    async def _post(
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        chunk: list[RewardInput],
+        items: list[dict],
+        validation: bool,
+        step: int,
+        total_steps: int,
+    ) -> list[RewardResult]:
         payload = {
-            "inputs": [inp.to_dict() for inp in chunk],
+            "inputs": items,
             "validation": validation,
             "step": step,
             "total_steps": total_steps,

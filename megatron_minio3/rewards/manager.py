@@ -18,6 +18,14 @@ from typing import TYPE_CHECKING
 
 from megatron_minio3.config.reward import RewardConfig
 from megatron_minio3.rewards.extract import is_well_formatted
+from megatron_minio3.rewards.isolation import (
+    WARM_MODULES,
+    VerifierRaised,
+    VerifierTimeout,
+    VerifierWorkerDied,
+    can_send,
+    shared_pool,
+)
 from megatron_minio3.rewards.types import RewardInput, RewardResult, Verdict, failure_score
 from megatron_minio3.rewards.verifiers import VERIFIER_FACTORIES, ScoringContext, VerifierFn
 
@@ -72,6 +80,12 @@ def validate_reward_config(cfg: RewardConfig) -> None:
             raise ValueError(f"reward.remote.urls entries must start with http:// or https://, got {url!r}")
     if cfg.remote.timeout_s <= 0:
         raise ValueError(f"reward.remote.timeout_s must be > 0, got {cfg.remote.timeout_s}")
+    if cfg.remote.max_request_bytes < 1024:
+        raise ValueError(f"reward.remote.max_request_bytes must be >= 1024, got {cfg.remote.max_request_bytes}")
+    if not cfg.verifier_timeout_s >= 0:
+        raise ValueError(f"reward.verifier_timeout_s must be >= 0 (0 = no limit), got {cfg.verifier_timeout_s}")
+    if cfg.verifier_workers < 1:
+        raise ValueError(f"reward.verifier_workers must be >= 1, got {cfg.verifier_workers}")
 
 
 def _used_verifiers(cfg: RewardConfig) -> set[str]:
@@ -85,6 +99,7 @@ class RewardManager:
         validate_reward_config(cfg)
         self.cfg = cfg
         self._verifiers: dict[str, VerifierFn] = {}
+        self._isolated: dict[str, bool] = {}
         self._remote: RemoteRewardClient | None = None
         if cfg.remote.urls:
             from megatron_minio3.rewards.client import RemoteRewardClient
@@ -164,11 +179,42 @@ class RewardManager:
             self._verifiers[name] = VERIFIER_FACTORIES[name](self.cfg)
         return self._verifiers[name]
 
+    def _runs_isolated(self, name: str, verifier: VerifierFn) -> bool:
+        """Sync verifier functions go to the worker processes (time limit); async ones (the judge, with its own
+        timeouts and retries) run here. A sync function that cannot be sent (a closure) runs here, unlimited."""
+        if name not in self._isolated:
+            sync_function = inspect.isfunction(verifier) and not inspect.iscoroutinefunction(verifier)
+            isolated = self.cfg.verifier_timeout_s > 0 and sync_function and can_send(verifier)
+            if self.cfg.verifier_timeout_s > 0 and sync_function and not isolated:
+                logger.warning("verifier %r cannot be sent to a worker process (not a module-level function): it "
+                               "runs in this process, without reward.verifier_timeout_s", name)
+            self._isolated[name] = isolated
+        return self._isolated[name]
+
+    async def _run_isolated(self, name: str, verifier: VerifierFn, inp: RewardInput, ctx: ScoringContext) -> Verdict:
+        # math-verify takes seconds to import: workers import it up front when a mapping uses it, so that the
+        # time limit measures the scoring
+        warm = WARM_MODULES + (("math_verify",) if "math" in _used_verifiers(self.cfg) else ())
+        pool = shared_pool(self.cfg.verifier_workers, warm)
+        timeout_s = self.cfg.verifier_timeout_s
+        try:
+            return await pool.submit(timeout_s, verifier, inp, ctx)
+        except VerifierTimeout:
+            return Verdict.failure(f"{name}: no verdict within reward.verifier_timeout_s={timeout_s:g} s "
+                                   "(the verifier was stopped)")
+        except (VerifierWorkerDied, VerifierRaised) as exc:
+            logger.warning("verifier %r on sample %r: %s", name, inp.uid, exc)
+            return Verdict.failure(f"{name}: {exc}")
+
     async def _score_one(self, inp: RewardInput, name: str, ctx: ScoringContext, validation: bool) -> RewardResult:
         try:
-            verdict = self._verifier(name)(inp, ctx)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
+            verifier = self._verifier(name)
+            if self._runs_isolated(name, verifier):
+                verdict = await self._run_isolated(name, verifier, inp, ctx)
+            else:
+                verdict = verifier(inp, ctx)
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
         except Exception as exc:  # a verifier bug is one failed sample, reported, not a crashed step
             logger.exception("verifier %r raised on sample %r", name, inp.uid)
             verdict = Verdict.failure(f"{name}: {type(exc).__name__}: {exc}")

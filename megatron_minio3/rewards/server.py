@@ -7,6 +7,9 @@ the judge; the judge key stays in the server's environment.
 - GET /health -> {"status": "ok"} (no token needed)
 - POST /score {"inputs": [RewardInput...], "validation": bool, "step": int, "total_steps": int}
   -> {"results": [RewardResult...]}; failed samples come back with "failed": true and an "error".
+  A body larger than `reward.remote.max_request_bytes` is refused with HTTP 413 before it is parsed; a
+  rule-based verifier that takes longer than `reward.verifier_timeout_s` on a sample is stopped and that
+  sample comes back failed (the server goes on).
 Bound to 127.0.0.1 by default. When the environment variable named by --token-env is set, /score requires
 `Authorization: Bearer <token>`; binding to a non-loopback address without a token is refused.
 """
@@ -40,6 +43,42 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
+
+
+class BodySizeLimit:
+    """ASGI middleware: HTTP 413 for a request body over `max_bytes`, declared (Content-Length) or streamed
+    (chunked); the body is never read past the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: str) -> HTTPException:
+        return HTTPException(
+            status_code=413,
+            detail=f"request body {size} is larger than reward.remote.max_request_bytes={self.max_bytes}; "
+                   "send fewer samples per request",
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            detail = self._too_large(f"of {int(declared)} bytes").detail
+            return await JSONResponse(status_code=413, content={"detail": detail})(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large(f"of more than {self.max_bytes} bytes")  # FastAPI answers it as 413
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 class InputModel(BaseModel):
@@ -84,6 +123,7 @@ def build_app(cfg: RewardConfig, token: str):
             )
 
     app = FastAPI(title="megatron_minio3 reward server")
+    app.add_middleware(BodySizeLimit, max_bytes=cfg.remote.max_request_bytes)
 
     @app.get("/health")
     async def health() -> dict:

@@ -74,14 +74,28 @@ def _canonical_number(token: str) -> str:
     return format(value.normalize(), "f")
 
 
+def _is_determiner(tokens: list[str], index: int) -> bool:
+    """Whether the article at `index` stands before a word it determines, and so can be dropped.
+
+    The last token is never dropped (a ground truth "A" or "the" must not normalise to nothing), and "a"
+    before a single letter is a letter itself ("a b c"); "the"/"an" before anything else are determiners.
+    """
+    if index + 1 >= len(tokens):
+        return False
+    following = tokens[index + 1]
+    return tokens[index] != "a" or len(following) > 1 or following.isdigit()
+
+
 def normalize_answer(text: str) -> str:
-    """Free-form answer normalisation: NFKC, lower case, punctuation and articles dropped, whitespace
+    """Free-form answer normalisation: NFKC, lower case, punctuation dropped, articles dropped where they
+    precede a word ("the red car" -> "red car", but "A" -> "a", "vitamin A" -> "vitamin a"), whitespace
     collapsed, number words zero..twenty as digits, numbers canonical ("1,000.50" -> "1000.5")."""
+    words = _TOKEN_RE.findall(unicodedata.normalize("NFKC", text).casefold())
     tokens = []
-    for token in _TOKEN_RE.findall(unicodedata.normalize("NFKC", text).casefold()):
+    for index, token in enumerate(words):
         if token[0].isdigit() or token[0] in "+-":
             tokens.append(_canonical_number(token.lstrip("+")))
-        elif token not in _ARTICLES:
+        elif token not in _ARTICLES or not _is_determiner(words, index):
             tokens.append(_NUMBER_WORDS.get(token, token))
     return " ".join(tokens)
 
@@ -117,7 +131,9 @@ def verify_math(prediction: str | None, ground_truth: str) -> Verdict:
     """math-verify equivalence of the answer and the ground truth (numbers, LaTeX, sets, intervals...).
 
     An unparseable answer scores 0; an unparseable ground truth or a math-verify timeout is a failure.
-    The timeout uses SIGALRM, so it applies only on the main thread (elsewhere there is none).
+    The timeout uses SIGALRM, so it applies only on the main thread (elsewhere there is none), and it cannot
+    interrupt a long native computation; the RewardManager runs this in a worker process that it kills after
+    `reward.verifier_timeout_s` (rewards/isolation.py), which bounds every case.
     """
     from math_verify import verify
     from math_verify.errors import TimeoutException

@@ -25,6 +25,7 @@ TOKEN = "reward-token-for-tests"
 TOKEN_ENV = "MINIO3_TEST_REWARD_TOKEN"
 JUDGE_KEY_ENV = "MINIO3_TEST_SERVER_JUDGE_KEY"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_REQUEST_BYTES = 1_000_000
 
 
 def free_port() -> int:
@@ -42,11 +43,14 @@ def run_server_cli(args: list[str], env: dict[str, str]) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def server(fake_judge: FakeJudge, tmp_path_factory: pytest.TempPathFactory):
-    """A reward server process: vstar -> mc, visualprobe -> the fake judge, everything else -> exact."""
+    """A reward server process: vstar -> mc, visualprobe -> the fake judge, geo -> math, everything else -> exact;
+    bodies up to 1 MB, rule-based verifiers stopped after 1 s."""
     config = {
         "reward": {
-            "verifiers": {"vstar": "mc", "visualprobe": "judge"},
+            "verifiers": {"vstar": "mc", "visualprobe": "judge", "geo": "math"},
             "default_verifier": "exact",
+            "verifier_timeout_s": 1.0,
+            "remote": {"max_request_bytes": MAX_REQUEST_BYTES},
             "judge": {
                 "base_url": fake_judge.base_url,
                 "api_key_env": JUDGE_KEY_ENV,
@@ -224,3 +228,56 @@ def test_bad_config_is_refused_with_the_key(tmp_path: Path) -> None:
 def test_is_loopback() -> None:
     assert all(is_loopback(h) for h in ["127.0.0.1", "127.8.0.1", "::1", "localhost"])
     assert not any(is_loopback(h) for h in ["0.0.0.0", "::", "10.0.0.5", "example.com", "my-host"])
+
+
+# ---------------------------------------------------------------- size and time limits (issue 15)
+
+
+def _sample(uid: str, answer: str, source: str = "vstar", truth: str = "B") -> dict:
+    return {"uid": uid, "data_source": source, "question": "Which?", "ground_truth": truth,
+            "turns": [f"<think>t</think><answer>{answer}</answer>"]}
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_parsed(server: str) -> None:
+    big = payload(inputs=[_sample("big", "B" * (2 * MAX_REQUEST_BYTES))])
+    response = post(server, big)  # declared with Content-Length
+    assert response.status_code == 413, response.text
+    assert f"reward.remote.max_request_bytes={MAX_REQUEST_BYTES}" in response.json()["detail"]
+
+    def chunks():  # streamed without Content-Length
+        for _ in range(40):
+            yield b" " * 65536
+
+    response = httpx.post(server + "/score", content=chunks(), timeout=30,
+                          headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "max_request_bytes" in response.json()["detail"]
+    assert post(server, payload()).status_code == 200  # the server goes on
+
+
+def test_a_verifier_past_its_time_limit_fails_the_sample_not_the_server(server: str) -> None:
+    post(server, payload(inputs=[_sample("warm", "0.5", "geo", "1/2")]))  # the math workers are started
+    started = time.monotonic()
+    response = post(server, payload(inputs=[_sample("slow", "2^{2^{2^{2^{100}}}}", "geo", "2"),
+                                            _sample("ok", "0.5", "geo", "\\frac{1}{2}"), _sample("mc", "B")]))
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    slow, ok, mc = response.json()["results"]
+    assert slow["failed"] is True and "no verdict within reward.verifier_timeout_s=1 s" in slow["error"]
+    assert (ok["failed"], ok["score"], mc["failed"], mc["score"]) == (False, 1.0, False, 1.0)
+    assert elapsed < 5.0, elapsed
+    assert httpx.get(server + "/health", timeout=5).status_code == 200
+
+
+def test_the_client_splits_requests_to_fit_the_limit(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    remote = RemoteRewardConfig(urls=[server], token_env=TOKEN_ENV, timeout_s=30, max_request_bytes=MAX_REQUEST_BYTES)
+    manager = RewardManager(RewardConfig(remote=remote))
+    padding = "x" * (MAX_REQUEST_BYTES // 4)  # four of these make a body over the limit
+    inputs = [RewardInput(str(i), "vstar", "Which?", "B", [f"{padding}<answer>{'B' if i % 2 else 'A'}</answer>"])
+              for i in range(6)]
+    inputs.append(RewardInput("huge", "vstar", "Which?", "B", ["y" * MAX_REQUEST_BYTES + "<answer>B</answer>"]))
+    results = manager.score_sync(inputs, validation=True)
+    assert [r.score for r in results[:6]] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert not any(r.failed for r in results[:6])
+    assert results[6].failed and "'huge' is" in results[6].error and "max_request_bytes" in results[6].error

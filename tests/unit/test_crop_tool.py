@@ -1,7 +1,10 @@
 """Crop tool rules: parsing a grounding call, Mini-o3 crop geometry, resizing for the model."""
 from __future__ import annotations
 
+import json
 import math
+import random
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from megatron_minio3.rollout.crop_tool import (
     crop_box_pixels,
     crop_observation,
     has_tool_call,
+    locate_crop,
     image_grid_thw,
     num_image_tokens,
     parse_grounding,
@@ -117,6 +121,168 @@ def test_has_tool_call():
     assert not has_tool_call('<grounding>{"bbox_2d": [0, 0, 1, 1]')  # cut off before the closing tag
 
 
+
+# ---------------------------------------------------------------- parsing is total
+
+
+def _parse_and_locate(text: str, sizes=((100, 80), (37, 5)), model_sizes=((112, 84), (56, 28))):
+    """What the agent loop does with a turn, in both coordinate modes: a located box, or a ToolCallError."""
+    call = parse_grounding(text)
+    for relative in (True, False):
+        index, box = locate_crop(list(sizes), call, relative=relative, model_sizes=list(model_sizes))
+        width, height = sizes[index]
+        left, top, right, bottom = box
+        assert all(type(v) is int for v in box)
+        assert 0 <= left < right <= width - 1 and 0 <= top < bottom <= height - 1, (text[:200], box)
+    return call
+
+
+def _check_total(text: str) -> None:
+    try:
+        call = _parse_and_locate(text)
+    except ToolCallError as exc:
+        message = str(exc)
+        # shown to the model: short, and encodable by the tokenizer (no lone surrogates)
+        assert len(message) <= 600, (text[:200], len(message))
+        message.encode("utf-8")
+        return
+    assert all(math.isfinite(v) for v in call.bbox_2d)
+
+
+_HUGE_INT = "9" * 400
+_HOSTILE_PAYLOADS = [
+    '{"bbox_2d": [0, 0, 1e308, 1], "source": "original_image"}',  # x1 * W overflows to inf
+    '{"bbox_2d": [-1e308, -1e308, 1e308, 1e308], "source": "original_image"}',
+    '{"bbox_2d": [0, 0, 1.7976931348623157e308, 1], "source": "observation_1"}',
+    '{"bbox_2d": [0, 0, 1e309, 1], "source": "original_image"}',  # parses to inf
+    f'{{"bbox_2d": [0, 0, {_HUGE_INT}, 1], "source": "original_image"}}',  # int too large for a float
+    f'{{"bbox_2d": [0, 0, -{_HUGE_INT}, 1], "source": "original_image"}}',
+    f'{{"bbox_2d": [0, 0, {"9" * 5000}, 1], "source": "original_image"}}',  # past int's 4300-digit limit
+    f'{{"bbox_2d": [0, 0, 1, 1], "source": "observation_{"9" * 5000}"}}',
+    f'{{"bbox_2d": [0, 0, 1, 1], "source": "observation_{"9" * 40}"}}',
+    '{"bbox_2d": [0, 0, 1, 1], "source": "observation_\u0663"}',  # a non-ASCII digit
+    '{"bbox_2d": [0, 0, 1, 1], "source": "\\ud800"}',  # a lone surrogate
+    '{"bbox_2d": [0, 0, 1, 1], "source": "original_image", "\\ud800": 1}',
+    '{"bbox_2d": [0, 0, 1, 1], "source": "original_image", "' + "k" * 100_000 + '": 1}',
+    '{"bbox_2d": [0, 0, 1, 1], "source": "' + "x" * 1_000_000 + '"}',
+    '{"bbox_2d": [0, 0, 1, 1], "bbox_2d": [0, 0, 1, 1], "source": "original_image"}',
+    '{"bbox_2d": [' + "[" * 3000 + "]" * 3000 + ', 0, 1, 1], "source": "original_image"}',
+    "[" * 100_000 + "]" * 100_000,
+    '{"a":' * 100_000 + "1" + "}" * 100_000,
+    '{"bbox_2d": [0, 0, 1, 1], "source": "original_image"}' * 10_000,
+    "NaN", "Infinity", "-Infinity", "null", "true", "1e400", _HUGE_INT, '"' + "\\u0000" * 10 + '"',
+]
+
+
+@pytest.mark.parametrize("payload", _HOSTILE_PAYLOADS, ids=range(len(_HOSTILE_PAYLOADS)))
+def test_hostile_calls_give_a_box_or_a_tool_call_error(payload):
+    _check_total(f"<think>x</think><grounding>{payload}</grounding>")
+
+
+def test_huge_numbers_clamp_to_the_image_edge():
+    call = parse_grounding('<grounding>{"bbox_2d": [-1e308, 0, 1e308, 0.5], "source": "original_image"}</grounding>')
+    assert crop_box_pixels(call.bbox_2d, (100, 80)) == (0, 0, 99, 40)
+
+
+def test_error_messages_quote_at_most_an_excerpt_of_the_call():
+    with pytest.raises(ToolCallError) as info:
+        parse_grounding('<grounding>{"bbox_2d": "' + "x" * 4000 + '", "source": "original_image"}</grounding>')
+    assert "four numbers" in str(info.value) and len(str(info.value)) < 200
+    with pytest.raises(ToolCallError, match="characters long") as info:
+        parse_grounding('<grounding>{"bbox_2d": "' + "x" * 100_000 + '", "source": "original_image"}</grounding>')
+    assert len(str(info.value)) < 200
+
+
+def _mutations(rng: random.Random, count: int):
+    """Malformed grounding calls: random edits of well-formed ones with hostile pieces spliced in."""
+    valid = [
+        '{"bbox_2d": [0.1, 0.2, 0.5, 0.6], "source": "original_image"}',
+        '{"source": "observation_1", "bbox_2d": [0, 0.25, 1, 0.75]}',
+        '{"bbox_2d": [10, 20, 30, 40], "source": "original_image"}',
+    ]
+    pieces = [
+        "1e308", "-1e308", "1e-400", "1e999", _HUGE_INT, "9" * 5000, "NaN", "Infinity", "-0", "0x10", "1_000",
+        "true", "null", '"1"', "[]", "{}", "[[[[", "]]]]", "{{", "}}", ",", ":", '"', "\\", "\\u", "\\ud800",
+        "\\udfff", "\u0663", "\u00e9", "\U0001f600", "\x00", "\n", " " * 50, "<grounding>", "</grounding>",
+        "<|im_end|>", "<|image_pad|>", '"bbox_2d"', '"source"', '"observation_99999999999"', '"observation_0"',
+        "[" * 2000, "{" * 2000, '{"a":' * 1500, "x" * 20_000,
+    ]
+    alphabet = '{}[]":,.-+eE0123456789 \\abnstu'
+    for _ in range(count):
+        text = rng.choice(valid)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randint(0, len(text))
+            roll = rng.random()
+            if roll < 0.4:
+                text = text[:at] + rng.choice(pieces) + text[at:]
+            elif roll < 0.6:
+                text = text[:at] + text[at + rng.randint(1, 8):]
+            elif roll < 0.8:
+                text = text[:at] + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) + text[at + 1:]
+            else:
+                number = rng.choice(["1e308", "-1e308", _HUGE_INT, "-" + _HUGE_INT, "1e-320", "4.9e-324", "0"])
+                text = re.sub(r"-?\d+(\.\d+)?", number, text, count=1)
+        yield text
+
+
+_NUMBER_LITERALS = [
+    "0", "1", "0.5", "0.25", "0.75", "-0.0", "2", "37", "112", "1e308", "-1e308", "1e309", "1e-400", "4.9e-324",
+    "NaN", "Infinity", "-Infinity", _HUGE_INT, "-" + _HUGE_INT, "1" + "0" * 30, "0.99999999999999999999",
+]
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> str:
+    """JSON text of a random value (numbers written as literals, so huge and non-finite ones appear)."""
+    roll = rng.random()
+    if roll < 0.45 or depth > 3:
+        return rng.choice(_NUMBER_LITERALS) if rng.random() < 0.8 else rng.choice(["true", "false", "null"])
+    if roll < 0.65:
+        text = rng.choice(["original_image", "observation_1", "observation_0", "x", "\u0663", "\ud800", "é" * 40])
+        return json.dumps(text, ensure_ascii=rng.random() < 0.5) if "\\" not in text else f'"{text}"'
+    if roll < 0.9:
+        return "[" + ", ".join(_random_value(rng, depth + 1) for _ in range(rng.choice([0, 1, 3, 4, 4, 4, 5]))) + "]"
+    return "{" + ", ".join(f'"k{i}": {_random_value(rng, depth + 1)}' for i in range(rng.randint(0, 2))) + "}"
+
+
+def _random_calls(rng: random.Random, count: int):
+    """Well-formed JSON objects with the right keys (mostly) and hostile values."""
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.3:  # corners in order, extreme values: a box clamped to the edges, or an error
+            low = ["-1e308", "0", "1", "-" + _HUGE_INT, "1e-400"]
+            high = ["37", "112", "1e308", _HUGE_INT, "1" + "0" * 30]
+            bbox = f"[{rng.choice(low)}, {rng.choice(low)}, {rng.choice(high)}, {rng.choice(high)}]"
+        elif roll < 0.6:
+            bbox = "[" + ", ".join(rng.choice(_NUMBER_LITERALS) for _ in range(4)) + "]"
+        else:
+            bbox = _random_value(rng)
+        source = rng.choice([
+            '"original_image"', '"observation_1"', f'"observation_{rng.randint(0, 10 ** rng.randint(1, 12))}"',
+            '"observation_\\u0663"', '"observation_-1"', '"\\ud800"', _random_value(rng),
+        ])
+        items = [f'"bbox_2d": {bbox}', f'"source": {source}']
+        if rng.random() < 0.1:
+            items.append(f'"{rng.choice(["label", "bbox_2d", "source", "é"])}": {_random_value(rng)}')
+        if rng.random() < 0.1:
+            items.pop(rng.randrange(len(items)))
+        rng.shuffle(items)
+        yield "{" + rng.choice([", ", ",\n  ", ","]).join(items) + "}"
+
+
+def test_fuzzed_calls_give_a_box_or_a_tool_call_error():
+    rng = random.Random(20250915)
+    outcomes = {"box": 0, "error": 0}
+    for text in list(_mutations(rng, 2000)) + list(_random_calls(rng, 3000)):
+        for wrapped in (f"<grounding>{text}</grounding>", f"<think>{text}</think><grounding>{text}</grounding>", text):
+            try:
+                _parse_and_locate(wrapped)
+                outcomes["box"] += 1
+            except ToolCallError:
+                outcomes["error"] += 1
+            _check_total(wrapped)
+    assert outcomes["box"] > 100 and outcomes["error"] > 1000, outcomes  # the generator reaches both outcomes
+
+
 # ---------------------------------------------------------------- crop geometry
 
 
@@ -190,6 +356,11 @@ def test_missing_observation_is_an_error_that_lists_the_sources():
     assert "original_image, observation_1" in str(info.value)
     with pytest.raises(ToolCallError):
         crop_observation(images, GroundingCall((0, 0, 1, 1), "observation_2"))
+
+
+def test_a_call_without_any_image_is_an_error():
+    with pytest.raises(ToolCallError, match="no image to zoom into"):
+        locate_crop([], GroundingCall((0, 0, 1, 1), "original_image"))
 
 
 def test_crop_absolute_needs_model_sizes():

@@ -231,3 +231,54 @@ def test_split_evenly() -> None:
     assert split_evenly(2, 4) == [(0, 1), (1, 2)]  # no empty chunks
     assert split_evenly(0, 3) == []
     assert split_evenly(5, 1) == [(0, 5)]
+
+
+# ---------------------------------------------------------------- time limit, sizes (issue 15)
+
+# math-verify on this runs for about 8 s in-process (its own 5 s SIGALRM cannot interrupt the big power).
+EXPLODING_MATH = "2^{2^{2^{2^{100}}}}"
+
+
+def test_a_verifier_past_the_time_limit_fails_its_sample_and_the_rest_are_scored() -> None:
+    import time
+
+    manager = RewardManager(rule_cfg(verifier_timeout_s=1.0))
+    samples = [inp("slow", "geo", "2", EXPLODING_MATH), inp("ok", "geo", "\\frac{1}{2}", "0.5"),
+               inp("mc", "vstar", "B", "B")]
+    manager.score_sync(samples[1:], validation=True)  # workers started and warm: the limit measures the scoring
+    started = time.perf_counter()
+    slow, ok, mc = manager.score_sync(samples, validation=False)
+    elapsed = time.perf_counter() - started
+    assert slow.failed and math.isnan(slow.score)
+    assert "math: no verdict within reward.verifier_timeout_s=1 s" in slow.error
+    assert not ok.failed and ok.score == 1.0 and not mc.failed and mc.score == 1.0
+    assert elapsed < 4.0, elapsed  # stopped at the limit, not after math-verify's own 5 s (or never)
+    (again,) = manager.score_sync([samples[1]], validation=True)  # the killed worker was replaced
+    assert again.score == 1.0
+
+
+def test_verifier_limits_are_checked() -> None:
+    from megatron_minio3.config.reward import RemoteRewardConfig
+
+    for overrides, message in [
+        ({"verifier_timeout_s": -1.0}, "reward.verifier_timeout_s"),
+        ({"verifier_workers": 0}, "reward.verifier_workers"),
+        ({"remote": RemoteRewardConfig(max_request_bytes=10)}, "reward.remote.max_request_bytes"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            validate_reward_config(rule_cfg(**overrides))
+
+
+def test_without_a_time_limit_verifiers_run_in_process() -> None:
+    manager = RewardManager(rule_cfg(verifier_timeout_s=0.0))
+    (result,) = manager.score_sync([inp("a", "vstar", "B", "(B) red")], validation=True)
+    assert result.score == 1.0 and manager._isolated == {"mc": False}
+
+
+def test_split_by_size() -> None:
+    from megatron_minio3.rewards.client import split_by_size
+
+    assert split_by_size([10, 10, 10, 10], 25) == [(0, 2), (2, 4)]  # 10 + 1 separator each
+    assert split_by_size([10, 100, 10], 25) == [(0, 1), (1, 2), (2, 3)]  # the oversized one alone
+    assert split_by_size([5] * 3, 1000) == [(0, 3)]
+    assert split_by_size([], 10) == []

@@ -80,6 +80,18 @@ def test_mc_no_answer_and_empty_truth() -> None:
         ("ＡＢＣ", "abc"),
         ("", ""),
         ("?!", ""),
+        # single letters and answers that are only articles survive (an article is dropped only before a word)
+        ("A", "a"),
+        ("(A)", "a"),
+        ("a.", "a"),
+        ("The A", "a"),
+        ("Vitamin A", "vitamin a"),
+        ("Option B", "option b"),
+        ("a b c", "a b c"),
+        ("the", "the"),
+        ("An", "an"),
+        ("A cat", "cat"),
+        ("the 3 apples", "3 apples"),
     ],
 )
 def test_normalize_answer(text: str, normalised: str) -> None:
@@ -98,6 +110,14 @@ def test_normalize_answer(text: str, normalised: str) -> None:
         ("-3", "3", False),
         ("红色", "红色。", True),
         ("", "red", False),
+        ("A", "A", True),
+        ("(A)", "A", True),
+        ("a", "A", True),
+        ("B", "A", False),
+        ("Option B", "Option A", False),
+        ("vitamin C", "Vitamin A", False),
+        ("The", "the", True),
+        ("a cat", "The cat", True),
     ],
 )
 def test_exact(prediction: str, truth: str, correct: bool) -> None:
@@ -108,7 +128,7 @@ def test_exact(prediction: str, truth: str, correct: bool) -> None:
 
 def test_exact_no_answer_and_unusable_truth() -> None:
     assert verify_exact(None, "red").metrics["has_answer"] == 0.0
-    for truth in ["", "  ", "the", "?!"]:
+    for truth in ["", "  ", "?!", "..."]:
         verdict = verify_exact("the", truth)
         assert verdict.failed and "empty after normalisation" in verdict.error
 

@@ -45,7 +45,7 @@ def main() -> None:
             model=ckpt,
             dtype="float32",
             max_model_len=2048,
-            gpu_memory_utilization=0.1,
+            kv_cache_memory_bytes=256 << 20,  # explicit: a share of free RAM can come out negative on a loaded machine
             limit_mm_per_prompt={"image": 2},
             enforce_eager=True,
             seed=0,
