@@ -6,6 +6,9 @@ clamped to [0, W-1] x [0, H-1]; the box must then be at least 1 px wide and high
 stay under 200. The crop is a plain crop of the raw source; only the copy shown to the model is resized.
 
 Errors the model made raise `ToolCallError`; its message is written to be shown to the model.
+Parsing is total: whatever text a model writes, `parse_grounding` and `locate_crop` return a call and a box
+inside the source, or raise `ToolCallError` (never OverflowError, RecursionError or another exception), and
+an error message quotes at most a short, ASCII-escaped excerpt of what the model wrote.
 """
 from __future__ import annotations
 
@@ -24,13 +27,44 @@ MAX_ASPECT_RATIO = 200.0
 # Qwen2.5-VL: 14 px patches merged 2x2, so image sides are multiples of 28 and a side is at least 28 px.
 IMAGE_FACTOR = 28
 
-_OBSERVATION_RE = re.compile(r"observation_(\d+)")
+# ASCII digits only (\d would take any Unicode digit); at most 9 so that the index is always a small int.
+_OBSERVATION_RE = re.compile(r"observation_([0-9]{1,9})")
+# A well-formed call is under 100 characters; a longer payload is refused before JSON parsing, which bounds
+# the work and the nesting depth (deep nesting is also caught: RecursionError).
+MAX_CALL_CHARS = 4096
+_EXCERPT_CHARS = 80
 _BBOX_KEY = "bbox_2d"
 _SOURCE_KEY = "source"
 
 
 class ToolCallError(ValueError):
     """A tool call the model got wrong. The message is meant to be shown to the model in an error turn."""
+
+
+def _excerpt(value: object) -> str:
+    """A short JSON-ish rendering of something the model wrote, safe to quote in an error turn: ASCII only
+    (a lone surrogate cannot reach the tokenizer), at most about _EXCERPT_CHARS characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (ValueError, TypeError, RecursionError, OverflowError):  # e.g. an int beyond str()'s digit limit
+        text = f"<{type(value).__name__}>"
+    if len(text) > _EXCERPT_CHARS:
+        text = text[: _EXCERPT_CHARS - 3] + "..."
+    return text
+
+
+def _key_name(key: str) -> str:
+    """A key as quoted in an error turn: plain when it is a short ASCII word, otherwise an excerpt."""
+    return key if re.fullmatch(r"[A-Za-z0-9_]{1,40}", key) else _excerpt(key)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for key, item in pairs:
+        if key in value:
+            raise ToolCallError(f"the key {_key_name(key)} appears twice in the grounding call")
+        value[key] = item
+    return value
 
 
 @dataclass(frozen=True)
@@ -74,38 +108,61 @@ def parse_grounding(text: str) -> GroundingCall:
     payload = text[open_at + len(OPEN_TAG) : close_at].strip()
     if not payload:
         raise ToolCallError("the grounding call is empty; expected a JSON object with bbox_2d and source")
+    if len(payload) > MAX_CALL_CHARS:
+        raise ToolCallError(
+            f"the grounding call is {len(payload)} characters long; write one short JSON object "
+            f"(at most {MAX_CALL_CHARS} characters) with bbox_2d and source"
+        )
     try:
-        value = json.loads(payload)
+        value = json.loads(payload, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise ToolCallError(f"the grounding call is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    except RecursionError:
+        raise ToolCallError("the grounding call is nested too deeply; expected a flat JSON object") from None
+    except ValueError as exc:  # ToolCallError from _unique_keys, or an integer literal past the digit limit
+        if isinstance(exc, ToolCallError):
+            raise
+        raise ToolCallError("the grounding call contains a number too long to read") from None
     if not isinstance(value, dict):
-        raise ToolCallError(f"the grounding call must be a JSON object, got {type(value).__name__}")
+        raise ToolCallError(f"the grounding call must be a JSON object, got {_json_type(value)}")
     missing = [key for key in (_BBOX_KEY, _SOURCE_KEY) if key not in value]
     if missing:
         raise ToolCallError(f"the grounding call is missing the key(s) {', '.join(missing)}")
     extra = sorted(set(value) - {_BBOX_KEY, _SOURCE_KEY})
     if extra:
-        raise ToolCallError(f"unexpected key(s) {', '.join(extra)}; only bbox_2d and source are allowed")
+        shown = ", ".join(_key_name(key) for key in extra[:3]) + (", ..." if len(extra) > 3 else "")
+        raise ToolCallError(f"unexpected key(s) {shown}; only bbox_2d and source are allowed")
     return GroundingCall(bbox_2d=_check_bbox(value[_BBOX_KEY]), source=_check_source(value[_SOURCE_KEY]))
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _check_bbox(bbox: object) -> tuple[float, float, float, float]:
     if not isinstance(bbox, list) or len(bbox) != 4:
-        raise ToolCallError(f"bbox_2d must be a list of four numbers [x0, y0, x1, y1], got {json.dumps(bbox)}")
+        raise ToolCallError(f"bbox_2d must be a list of four numbers [x0, y0, x1, y1], got {_excerpt(bbox)}")
     numbers = []
     for item in bbox:
         # bool is an int subclass in Python; true/false are not coordinates.
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
-            raise ToolCallError(f"bbox_2d must contain four finite numbers, got {json.dumps(bbox)}")
-        numbers.append(float(item))
+        number = None
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            try:
+                number = float(item)  # an int too large for a float raises OverflowError
+            except OverflowError:
+                number = None
+        if number is None or not math.isfinite(number):
+            raise ToolCallError(f"bbox_2d must contain four finite numbers, got {_excerpt(bbox)}")
+        numbers.append(number)
     return numbers[0], numbers[1], numbers[2], numbers[3]
 
 
 def _check_source(source: object) -> str:
     if not isinstance(source, str):
-        raise ToolCallError(f"source must be a string, got {json.dumps(source)}")
+        raise ToolCallError(f"source must be a string, got {_excerpt(source)}")
     if source != ORIGINAL_SOURCE and _OBSERVATION_RE.fullmatch(source) is None:
-        raise ToolCallError(f"source must be 'original_image' or 'observation_<i>', got {source!r}")
+        raise ToolCallError(f"source must be 'original_image' or 'observation_<i>', got {_excerpt(source)}")
     return source
 
 
@@ -129,10 +186,10 @@ def crop_box_pixels(
         if model_size is None:
             raise ValueError("crop_box_pixels: absolute coordinates need the model-side image size")
         scale_x, scale_y = width / model_size[0], height / model_size[1]
-    left = _clamp(int(x0 * scale_x), width - 1)
-    top = _clamp(int(y0 * scale_y), height - 1)
-    right = _clamp(int(x1 * scale_x), width - 1)
-    bottom = _clamp(int(y1 * scale_y), height - 1)
+    left = _clamp(x0 * scale_x, width - 1)
+    top = _clamp(y0 * scale_y, height - 1)
+    right = _clamp(x1 * scale_x, width - 1)
+    bottom = _clamp(y1 * scale_y, height - 1)
     box_width, box_height = right - left, bottom - top
     if box_width < 1 or box_height < 1:
         raise ToolCallError(
@@ -148,8 +205,12 @@ def crop_box_pixels(
     return left, top, right, bottom
 
 
-def _clamp(value: int, upper: int) -> int:
-    return min(max(value, 0), upper)
+def _clamp(value: float, upper: int) -> int:
+    """int(value) clamped to [0, upper]. Clamping before the truncation gives the same result for every finite
+    value and keeps a product that overflowed to +-inf (1e308 * W) from reaching int()."""
+    if math.isnan(value):
+        raise ToolCallError("a box coordinate is not a number")
+    return int(min(max(value, 0.0), float(upper)))
 
 
 def locate_crop(
@@ -163,6 +224,8 @@ def locate_crop(
     original image). `model_sizes[i]`, the (w, h) the model saw of observation i, is needed only for
     absolute coordinates."""
     index = call.source_index
+    if not source_sizes:
+        raise ToolCallError("this question has no image to zoom into; answer without the tool")
     if index >= len(source_sizes):
         available = ", ".join(["original_image"] + [f"observation_{i}" for i in range(1, len(source_sizes))])
         raise ToolCallError(f"{call.source} does not exist; the available sources are {available}")
@@ -251,6 +314,16 @@ def resize_for_processor(image: Image.Image, min_pixels: int, max_pixels: int) -
     if (width, height) == image.size:
         return image
     return image.resize((width, height), resample=Image.Resampling.BICUBIC)
+
+
+def model_side_size(
+    size: tuple[int, int], min_pixels: int, max_pixels: int, processor_min_pixels: int, processor_max_pixels: int
+) -> tuple[int, int]:
+    """The (w, h) an image of raw size `size` has once resize_for_model and then resize_for_processor ran
+    (without decoding it): what the model sees, hence its patch grid and token count."""
+    width, height = scale_to_pixel_range(size, min_pixels, max_pixels)
+    target_h, target_w = smart_resize(height, width, min_pixels=processor_min_pixels, max_pixels=processor_max_pixels)
+    return target_w, target_h
 
 
 def image_grid_thw(size: tuple[int, int], patch_size: int = 14) -> tuple[int, int, int]:
