@@ -7,6 +7,7 @@ from megatron_minio3.config.schema import (
     OptimConfig,
     ParallelConfig,
     RefConfig,
+    SftConfig,
     TrainerConfig,
 )
 
@@ -18,6 +19,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "RefConfig",
+    "SftConfig",
     "TrainerConfig",
     "dump_yaml",
     "load_config",

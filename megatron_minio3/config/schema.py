@@ -2,6 +2,7 @@
 this file owns the sections that belong to the trainer itself and the root that ties them together."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -115,6 +116,22 @@ class RefConfig:
     offload_to_host: bool = True
 
 
+def resume_target(resume: bool | int | str) -> int | None:
+    """`trainer.resume` as a step to resume from: None for the latest checkpoint (true, "latest"), -1 for none
+    (false), else the step named by an int (2) or a checkpoint name ("step_00000002")."""
+    if resume is True or resume == "latest":
+        return None
+    if resume is False:
+        return -1
+    if isinstance(resume, int) and resume >= 1:
+        return resume
+    match = re.match(r"^step_(\d{8})$", resume) if isinstance(resume, str) else None
+    if match and int(match.group(1)) >= 1:
+        return int(match.group(1))
+    raise ValueError(f"trainer.resume must be true (the latest checkpoint), false (start over), a step >= 1 or a "
+                     f"checkpoint name like step_00000002; got {resume!r}")
+
+
 @dataclass
 class TrainerConfig:
     project: str = "megatron_minio3"  # the wandb project (with "wandb" in trainer.loggers)
@@ -124,7 +141,9 @@ class TrainerConfig:
     train_batch_size: int = 256  # valid prompts per step (after dynamic sampling)
     save_every: int = 50  # checkpoint every N steps and after the last step; 0 = no checkpoints
     eval_every: int = 0  # 0: no evaluation during training
-    resume: bool = True  # continue from the latest complete checkpoint in output_dir
+    # true: continue from the latest complete checkpoint in output_dir; false: start over (refused when
+    # checkpoints exist); a step (2) or a checkpoint name (step_00000002): continue from that checkpoint
+    resume: bool | int | str = True
     keep_last_checkpoints: int = 0  # prune older complete checkpoints beyond this many; 0 keeps all
     seed: int = 1
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
@@ -148,9 +167,31 @@ class TrainerConfig:
         for name in ("max_generation_rounds", "num_rollout_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        resume_target(self.resume)  # ValueError naming the forms it takes
         unknown = sorted(set(self.loggers) - {"console", "jsonl", "wandb"})
         if unknown:
             raise ValueError(f"trainer.loggers: unknown logger(s) {unknown}; choose from console, jsonl, wandb")
+
+
+@dataclass
+class SftConfig:
+    """Supervised fine-tuning (trainer/sft.py, the recipe's cold start). The model, optimizer (actor.optim: the
+    recipe uses lr 1e-5, cosine, warmup_ratio 0.1), packing, freezing (the recipe freezes the vision tower and
+    the merger), dtype, layout, templates (data.*), output_dir, seed, checkpoints and loggers come from the
+    shared sections."""
+
+    train_files: list[str] = field(default_factory=list)  # sharegpt .json/.jsonl or .parquet conversations
+    image_dir: str = ""  # relative image paths resolve here ("" = each file's folder)
+    num_epochs: int = 3
+    batch_size: int = 32  # conversations per optimizer step
+    max_length: int = 32768  # a conversation longer than this (tokens, images included) is left out and counted
+    on_bad_row: Literal["raise", "skip"] = "raise"  # skip: bad rows are left out and counted
+    export_hf: bool = True  # at the end, write the model as an HF checkpoint to <trainer.output_dir>/hf
+
+    def validate(self) -> None:
+        for name in ("num_epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sft.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -169,6 +210,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
 
     def validate(self) -> None:
         """Checks that span sections (each section's own `validate` runs first, from the loader)."""

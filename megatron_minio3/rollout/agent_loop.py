@@ -37,6 +37,7 @@ from megatron_minio3.rollout.crop_tool import (
     resize_for_model,
     resize_for_processor,
 )
+from megatron_minio3.rollout.seeds import request_seed
 from megatron_minio3.rollout.tokens import TurnTokenizer, VisionSpec, expand_image_pads
 from megatron_minio3.rollout.trajectory import (
     Trajectory,
@@ -67,6 +68,7 @@ class GenerationRequest:
     # Never to be generated: a generated image/video pad token would be taken for an image placeholder.
     banned_token_ids: tuple[int, ...] = ()
     guided_regex: str = ""  # constrain the turn to this regex ("" = free generation)
+    seed: int | None = None  # this request's own sampling seed (rollout/seeds.py); None: the engine's stream
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class _TrajectoryState:
     loop: AgentLoop
     prepared: _PreparedPrompt
     sample_index: int
+    prompt_seed: int | None = None  # base seed of the prompt (rollout/seeds.py); None: the engine's stream
     compact_ids: list[int] = field(init=False)
     token_ids: list[int] = field(init=False)
     loss_mask: list[int] = field(init=False)
@@ -212,6 +215,7 @@ class _TrajectoryState:
             stop=limits.stop,
             banned_token_ids=self.loop.turns.placeholder_ids,
             guided_regex=limits.guided_regex,
+            seed=None if self.prompt_seed is None else request_seed(self.prompt_seed, self.sample_index, len(self.turns)),
         )
 
     def consume(self, result: GenerationResult, generate_s: float) -> None:
@@ -275,7 +279,10 @@ class _TrajectoryState:
                 model_sizes=[image.model.size for image in self.images],
             )
             raw = self.images[index].raw.crop(box)
-            model = loop.model_image(raw, loop.crop_resample)
+            try:
+                model = loop.model_image(raw, loop.crop_resample)
+            except ValueError as exc:  # a crop the processor cannot take (aspect ratio after resizing)
+                raise ToolCallError(f"the crop {box} cannot be shown: {exc}") from None
         except ToolCallError as exc:
             turn.tool_error = str(exc)
             return None, loop.turns.error_ids(turn.tool_error)
@@ -442,16 +449,19 @@ class AgentLoop:
             self._active_per_engine[engine_index] -= 1
         return state.to_trajectory()
 
-    async def _run_prompt(self, prompt: Prompt, num_samples: int, skipped: list[SkippedPrompt]) -> list[Trajectory]:
+    async def _run_prompt(self, prompt: Prompt, num_samples: int, skipped: list[SkippedPrompt],
+                          prompt_seed: int | None = None) -> list[Trajectory]:
         prepared = await self._prepare_or_skip(prompt, skipped)
         if prepared is None:
             return []
-        states = [_TrajectoryState(self, prepared, index) for index in range(num_samples)]
+        states = [_TrajectoryState(self, prepared, index, prompt_seed) for index in range(num_samples)]
         return list(await asyncio.gather(*(self._run_chain(state) for state in states)))
 
-    async def _run_lock_step(self, prompts: Sequence[Prompt], num_samples: int, skipped: list[SkippedPrompt]) -> list[Trajectory]:
+    async def _run_lock_step(self, prompts: Sequence[Prompt], num_samples: int, skipped: list[SkippedPrompt],
+                             seeds: Sequence[int | None]) -> list[Trajectory]:
         prepared = await asyncio.gather(*(self._prepare_or_skip(prompt, skipped) for prompt in prompts))
-        states = [_TrajectoryState(self, p, i) for p in prepared if p is not None for i in range(num_samples)]
+        states = [_TrajectoryState(self, p, i, seed) for p, seed in zip(prepared, seeds) if p is not None
+                  for i in range(num_samples)]
         engine_of = {id(state): index % len(self.engines) for index, state in enumerate(states)}
         active = list(states)
         while active:
@@ -464,15 +474,22 @@ class AgentLoop:
             active = [state for state in active if not state.done]
         return [state.to_trajectory() for state in states]
 
-    async def run(self, prompts: Sequence[Prompt], num_samples: int, *, turn_synchronous: bool = False) -> RolloutBatch:
-        """Roll out `num_samples` trajectories per prompt; results are grouped by prompt, in prompt order."""
+    async def run(self, prompts: Sequence[Prompt], num_samples: int, *, turn_synchronous: bool = False,
+                  seeds: Sequence[int] | None = None) -> RolloutBatch:
+        """Roll out `num_samples` trajectories per prompt; results are grouped by prompt, in prompt order.
+        `seeds`: one base seed per prompt (rollout/seeds.py), so that every request samples from a stream of its
+        own (reproducible whatever else the engine runs); without them the engine's own stream is used."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        per_prompt = list(seeds) if seeds is not None else [None] * len(prompts)
         started = time.perf_counter()
         skipped: list[SkippedPrompt] = []
         if turn_synchronous:
-            trajectories = await self._run_lock_step(prompts, num_samples, skipped)
+            trajectories = await self._run_lock_step(prompts, num_samples, skipped, per_prompt)
         else:
-            groups = await asyncio.gather(*(self._run_prompt(p, num_samples, skipped) for p in prompts))
+            groups = await asyncio.gather(*(self._run_prompt(p, num_samples, skipped, seed)
+                                            for p, seed in zip(prompts, per_prompt)))
             trajectories = [traj for group in groups for traj in group]
         return RolloutBatch(trajectories=trajectories, skipped=skipped, wall_s=time.perf_counter() - started)

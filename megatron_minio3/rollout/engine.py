@@ -35,6 +35,15 @@ class _Pending:
     future: asyncio.Future
 
 
+CPU_MAX_BATCHED_TOKENS = 8192  # tokens per engine step on CPU, where prompts are never split (see below)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def engine_args_from_config(
     cfg: RolloutConfig, model_path: str, max_images: int, *, external_launcher: bool = False
 ) -> dict[str, Any]:
@@ -57,6 +66,12 @@ def engine_args_from_config(
     }
     if cfg.kv_cache_memory_mb > 0:
         args["kv_cache_memory_bytes"] = cfg.kv_cache_memory_mb << 20
+    if not _cuda_available():
+        # A request prefilled in chunks has its generator rewound after each partial step, which torch's CPU
+        # generators cannot do ("CPU Generator does not use offset") for requests with a seed of their own
+        # (rollout/seeds.py): on CPU every prompt is prefilled in one step.
+        args["enable_chunked_prefill"] = False
+        args["max_num_batched_tokens"] = max(cfg.max_total_tokens, CPU_MAX_BATCHED_TOKENS)
     if external_launcher:
         args["distributed_executor_backend"] = "external_launcher"  # this rank's shard, in this process
     elif cfg.tensor_parallel_size == 1:
@@ -215,6 +230,7 @@ class VllmEngine:
             # -100 is vLLM's strongest bias; it enters the processed log-probs like the sampling does.
             logit_bias={token_id: -100.0 for token_id in request.banned_token_ids} or None,
             structured_outputs=StructuredOutputsParams(regex=request.guided_regex) if request.guided_regex else None,
+            seed=request.seed,  # a stream of its own: the same tokens whatever else the engine runs
         )
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
         if request.images:

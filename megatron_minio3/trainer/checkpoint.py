@@ -4,36 +4,84 @@
         model/                          Megatron distributed checkpoint of the policy, as the HF converter
                                         writes it: `actor.load=.../model`, tools/convert_megatron_to_hf.py
         optimizer/                      optimizer and lr scheduler state (workers/actor_worker.py)
-        trainer_state.json              step, prompt position, counters, the actor's state fingerprint
+        trainer_state.json              step, prompt position, counters, the actor's state fingerprint, and
+                                        the size and SHA-256 of every other file of the checkpoint
         config.yaml                     the run's configuration
     checkpoints/.step_00000003.tmp-*    a checkpoint being written (removed at the next start)
+    checkpoints/step_00000004.superseded-*  a later checkpoint set aside by a resume from an earlier step
 
 A checkpoint is written into a hidden temporary sibling and renamed (one atomic `rename`) when every rank
 has written its shards and the trainer state is on disk; older checkpoints are pruned only afterwards. An
 interrupted save (Ctrl-C, a crash) therefore leaves the previous complete checkpoint as the latest one.
+Before a resume, `verify` reads every file back against the sizes and checksums recorded at save, so a
+truncated or corrupted shard is named (with the previous complete checkpoint) before any worker starts.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from megatron_minio3.config import Config, dump_yaml
+from megatron_minio3.config.schema import resume_target
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+FILES_KEY = "files"  # in the trainer state: {relative path: {"bytes": size, "sha256": hex digest}}
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 _INCOMPLETE = re.compile(r"^\.step_\d{8}\.tmp-")
+_HASH_THREADS = 8  # hashlib releases the GIL: files are hashed in parallel (about 1 s per GB per core)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, truncated, corrupted); the message names the file and
+    the previous complete checkpoint."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_manifest(directory: Path, exclude: tuple[str, ...] = (STATE_FILE,)) -> dict[str, dict]:
+    """Size and SHA-256 of every file under `directory` (relative POSIX paths, sorted)."""
+    paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in exclude)
+    with ThreadPoolExecutor(min(_HASH_THREADS, len(paths) or 1)) as pool:
+        digests = list(pool.map(_sha256, paths))
+    return {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(paths, digests)}
+
+
+def manifest_problem(directory: Path, files: dict[str, dict]) -> str | None:
+    """The first file of `directory` that does not match `files` (missing, other size, other checksum), as
+    "<path>: <what is wrong>", or None. Sizes are checked for every file before any byte is hashed."""
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{path}: {size} bytes, {expected['bytes']} were written (truncated or replaced)"
+    names = list(files)
+    with ThreadPoolExecutor(min(_HASH_THREADS, len(names) or 1)) as pool:
+        digests = list(pool.map(lambda name: _sha256(directory / name), names))
+    for name, digest in zip(names, digests):
+        if digest != files[name]["sha256"]:
+            return f"{directory / name}: its SHA-256 differs from the one recorded at save (corrupted)"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,7 +140,12 @@ class CheckpointManager:
         try:
             fingerprint = write_shards(str(tmp))
             dump_yaml(cfg, tmp / "config.yaml")
-            _write_durably(tmp / STATE_FILE, json.dumps({**state, "actor_fingerprint": fingerprint}, indent=2))
+            started = time.perf_counter()
+            files = file_manifest(tmp)
+            logger.info("checksums of %d files (%.1f MB) in %.2f s", len(files),
+                        sum(f["bytes"] for f in files.values()) / 1e6, time.perf_counter() - started)
+            state = {**state, "actor_fingerprint": fingerprint, FILES_KEY: files}
+            _write_durably(tmp / STATE_FILE, json.dumps(state, indent=2))
             _fsync_dir(tmp)
             os.replace(tmp, final)
             _fsync_dir(self.root)
@@ -113,4 +166,95 @@ class CheckpointManager:
 
     @staticmethod
     def read_state(path: str | Path) -> dict:
-        return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+        """The trainer state of a checkpoint; CheckpointError when it cannot be read."""
+        state_path = Path(path) / STATE_FILE
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{state_path}: cannot be read ({err})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"{state_path}: not a trainer state (no step)")
+        return state
+
+    def problem(self, path: Path) -> str | None:
+        """What is wrong with the checkpoint at `path` ("<file>: <reason>"), or None when every file matches its
+        recorded size and checksum. Checkpoints written before checksums were recorded are only read."""
+        try:
+            state = self.read_state(path)
+        except CheckpointError as err:
+            return str(err)
+        files = state.get(FILES_KEY)
+        if files is None:
+            logger.warning("%s records no checksums (written by an older version): not verified", path)
+            return None
+        return manifest_problem(Path(path), files)
+
+    def verify(self, path: Path) -> None:
+        """CheckpointError naming the bad file of the checkpoint at `path` and the newest earlier checkpoint that
+        verifies (the one to resume from instead)."""
+        problem = self.problem(path)
+        if problem is None:
+            return
+        earlier = [(step, p) for step, p in self.complete() if p.name < path.name]
+        previous = next(((step, p) for step, p in reversed(earlier) if self.problem(p) is None), None)
+        advice = (f"the previous complete checkpoint is {previous[1]}: resume from it with "
+                  f"trainer.resume={previous[0]}" if previous else
+                  "there is no earlier complete checkpoint: start over with trainer.resume=false in another "
+                  "trainer.output_dir")
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; {advice}")
+
+    def select(self, resume: bool | int | str) -> Path | None:
+        """The checkpoint `trainer.resume` asks for (see resume_target), verified; None to start from scratch.
+        ValueError when it names a checkpoint that is not there, or (false) when checkpoints exist."""
+        target = resume_target(resume)
+        found = dict(self.complete())
+        if target == -1:
+            if found:
+                raise ValueError(
+                    f"trainer.resume is false but {self.root} holds checkpoints (latest {found[max(found)].name}); "
+                    "resume, or choose another trainer.output_dir (finished checkpoints are never overwritten)"
+                )
+            return None
+        if target is None:
+            if not found:
+                return None
+            target = max(found)
+        if target not in found:
+            have = ", ".join(str(step) for step in sorted(found)) or "none"
+            raise ValueError(f"trainer.resume={resume}: {self.root} holds no complete checkpoint of step {target} "
+                             f"(steps with one: {have})")
+        self.verify(found[target])
+        return found[target]
+
+    def space_note(self) -> str:
+        """" (N MB free on the file system of <root>[, less than the M MB of the latest checkpoint: ...])": what a
+        failed save reports, since a full disk often shows only as a writer's internal error."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return ""
+        note = f" ({free / 1e6:.1f} MB free on the file system of {self.root}"
+        latest = self.latest()
+        if latest is not None:
+            try:
+                size = sum(f["bytes"] for f in self.read_state(latest).get(FILES_KEY, {}).values())
+            except CheckpointError:
+                size = 0
+            if free < size:
+                note += (f", less than the {size / 1e6:.1f} MB of the latest checkpoint: the disk is full; free "
+                         "space, or resume with another trainer.output_dir after copying the checkpoints there")
+        return note + ")"
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Rename the complete checkpoints after `step` (a resume from an earlier step) to
+        `step_N.superseded-<time>`: no longer checkpoints of this run, never deleted. Returns the new paths."""
+        moved = []
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for later_step, path in self.complete():
+            if later_step > step:
+                target = path.with_name(f"{path.name}.superseded-{stamp}")
+                os.replace(path, target)
+                moved.append(target)
+        if moved:
+            _fsync_dir(self.root)
+        return moved

@@ -106,6 +106,7 @@ def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0
     from megatron_minio3.data.minio3_json import read_datasets
     from megatron_minio3.rewards.manager import RewardManager, reward_metrics_by_source
     from megatron_minio3.rollout.agent_loop import AgentLoop
+    from megatron_minio3.rollout.seeds import eval_prompt_seeds
     from megatron_minio3.rollout.trajectory import write_trajectories
 
     _check(cfg)
@@ -128,7 +129,9 @@ def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0
         num_generated = 0
         batch_size = cfg.eval.num_prompts_per_batch
         for first in range(0, len(prompts), batch_size):
-            batch = asyncio.run(loop.run(prompts[first : first + batch_size], cfg.eval.k))
+            chunk = prompts[first : first + batch_size]
+            seeds = eval_prompt_seeds(cfg.rollout.seed, step, first, [p.uid for p in chunk])
+            batch = asyncio.run(loop.run(chunk, cfg.eval.k, seeds=seeds))
             inputs = [to_reward_input(traj) for traj in batch.trajectories]
             results = reward.score_sync(inputs, validation=True, step=step, total_steps=total_steps)
             for traj, result in zip(batch.trajectories, results):

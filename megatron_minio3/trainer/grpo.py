@@ -10,25 +10,36 @@ the controller plans the mini-batches and the data-parallel split from those num
 receive their sequences straight from the rollout handles and run old (and reference) log-probs and one
 optimizer step per mini-batch -> weight sync into every engine -> parity probe on every engine ->
 evaluation every trainer.eval_every steps -> log -> checkpoint every trainer.save_every steps.
-Every user mistake raises ValueError in `prepare`, before Ray or any worker starts; `--dry-run` stops
-there and prints the launch plan. See docs/trainer.md.
+Every user mistake raises ValueError in `prepare`, before Ray or any worker starts (a damaged checkpoint
+included); `--dry-run` stops there and prints the launch plan. What Ray can only tell once it runs (the
+resources of a cluster joined through RAY_ADDRESS) is checked before the first worker starts. Whatever the
+driver starts is stopped when it ends, however it ends (trainer/reaper.py). See docs/trainer.md.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_minio3.config import Config, parse_cli
 from megatron_minio3.data.minio3_json import Prompt
-from megatron_minio3.trainer.checkpoint import CheckpointManager
+from megatron_minio3.trainer.checkpoint import CheckpointError, CheckpointManager
 from megatron_minio3.trainer.logging import PhaseTimer
 from megatron_minio3.trainer.step_plan import Collection
 from megatron_minio3.weights.probe import ProbePrompt
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (a full disk, a dead file system); the previous complete one is intact."""
+
+
+class RewardsUnavailable(RuntimeError):
+    """Every sample of a step failed to score (e.g. the judge stayed down beyond its retries): nothing to learn."""
 
 
 @dataclass
@@ -53,6 +64,7 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
     from megatron_minio3.trainer.launch_plan import (
         build_launch_plan,
         check_launch_plan,
+        check_layout,
         format_launch_plan,
         load_hf_config_json,
     )
@@ -67,11 +79,14 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
     if cfg.rollout.temperature <= 0:
         raise ValueError(f"rollout.temperature must be > 0 for training (sampling), got {cfg.rollout.temperature}")
     check_placement(cfg, on_gpus=dry_run or cuda_available())
+    hf_config = load_hf_config_json(cfg.model)
     if dry_run or cuda_available():
-        launch = build_launch_plan(cfg, load_hf_config_json(cfg.model))
+        launch = build_launch_plan(cfg, hf_config)
         if dry_run:
             print(format_launch_plan(launch), flush=True)
         check_launch_plan(launch)
+    else:  # no GPU to plan for: the model's sizes against the layout still (heads, kv heads, layers by TP/PP)
+        check_layout(cfg, hf_config)
     longest = padded_length(cfg.rollout.max_total_tokens, padding_multiple(cfg.parallel.tp, cfg.parallel.cp))
     if cfg.actor.packing.max_tokens_per_microbatch < longest:
         raise ValueError(
@@ -88,6 +103,13 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
             f"actor.ppo_mini_batch_size * rollout.n = {cfg.actor.ppo_mini_batch_size * cfg.rollout.n} sequences "
             f"cannot feed parallel.dp = {cfg.parallel.dp} ranks"
         )
+    handles = num_rollout_handles(cfg)
+    if cfg.trainer.train_batch_size < handles:
+        raise ValueError(
+            f"trainer.train_batch_size={cfg.trainer.train_batch_size} prompts per generation round cannot feed the "
+            f"run's {handles} rollout handles ({_handles_origin(cfg)}): some engines would never generate; raise "
+            f"trainer.train_batch_size to at least {handles}"
+        )
     if cfg.trainer.eval_every:
         if not cfg.data.val_files:
             raise ValueError("trainer.eval_every is set but data.val_files is empty: list the evaluation files")
@@ -99,19 +121,28 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
             raise ValueError("trainer.loggers: 'wandb' needs the wandb package (pip install wandb)") from None
     RewardManager(cfg.reward)  # a verifier that cannot be built (e.g. a judge without its API key) fails here
     checkpoints = CheckpointManager(Path(cfg.trainer.output_dir) / "checkpoints", cfg.trainer.keep_last_checkpoints)
-    latest = checkpoints.latest()
-    if latest is not None and not cfg.trainer.resume:
-        raise ValueError(
-            f"trainer.resume is false but {checkpoints.root} holds checkpoints (latest {latest.name}); resume, or "
-            "choose another trainer.output_dir (finished checkpoints are never overwritten)"
-        )
+    resume_from = checkpoints.select(cfg.trainer.resume)  # every file checked against its recorded checksum
     probe_prompts = prompts[: cfg.weights.probe_num_prompts if cfg.weights.probe_every else 0]
     try:
         for prompt in probe_prompts:
             ProbePrompt.from_prompt(prompt)  # the rollout handles load these images again
     except ImageLoadError as err:
         raise ValueError(f"weights.probe_num_prompts: the probe uses the first training prompts, and {err}") from None
-    return RunPlan(prompts, probe_prompts, checkpoints, latest)
+    return RunPlan(prompts, probe_prompts, checkpoints, resume_from)
+
+
+def num_rollout_handles(cfg: Config) -> int:
+    """Rollout handles the prompts of a round are split over: engines of R ranks (hybrid) or rollout workers."""
+    if cfg.trainer.rollout_placement == "hybrid":
+        return max(1, cfg.parallel.world_size // cfg.rollout.tensor_parallel_size)
+    return cfg.trainer.num_rollout_workers
+
+
+def _handles_origin(cfg: Config) -> str:
+    if cfg.trainer.rollout_placement == "hybrid":
+        return (f"hybrid placement: parallel tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x cp {cfg.parallel.cp} x dp "
+                f"{cfg.parallel.dp} ranks / rollout.tensor_parallel_size {cfg.rollout.tensor_parallel_size}")
+    return f"trainer.num_rollout_workers={cfg.trainer.num_rollout_workers}"
 
 
 def check_placement(cfg: Config, *, on_gpus: bool) -> None:
@@ -163,16 +194,20 @@ class GRPOTrainer:
         mini_batches_per_step = -(-cfg.trainer.train_batch_size // cfg.actor.ppo_mini_batch_size)
         total_optimizer_steps = cfg.trainer.total_steps * cfg.actor.ppo_epochs * mini_batches_per_step
         self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            _start_ray(cfg)
+        self._reaper = None
         self.workers = None
         try:
+            if self._owns_ray:
+                self._reaper = _start_ray(cfg)
             removed = plan.checkpoints.remove_incomplete()
             if removed:
                 logger.warning("removed unfinished checkpoint(s): %s", ", ".join(p.name for p in removed))
+            if resumed:
+                for path in plan.checkpoints.set_aside_after(start_step):
+                    logger.warning("resuming from step %d: the later checkpoint is set aside as %s", start_step, path)
             print(f"starting {cfg.parallel.world_size} actor rank(s), rollout placement "
                   f"{cfg.trainer.rollout_placement} ...", flush=True)
-            self.workers = start_workers(cfg, total_optimizer_steps, plan.probe_prompts, seed_offset=start_step)
+            self.workers = start_workers(cfg, total_optimizer_steps, plan.probe_prompts)
             print(f"{len(self.workers.rollout)} rollout handle(s) ready", flush=True)
             if resumed:
                 self._restore(plan.resume_from, resumed)
@@ -241,7 +276,9 @@ class GRPOTrainer:
             logger.info("step %d: generation round %d: %d prompts x %d samples (%d of %d groups kept so far)",
                         step, collection.num_rounds + 1, batch_size, cfg.rollout.n, len(collection.kept), batch_size)
             with timer("generate"):
-                collection.add_round(self.workers.generate_round(self.sampler.next(batch_size), step))
+                collection.add_round(self.workers.generate_round(self.sampler.next(batch_size), step,
+                                                                 collection.num_rounds))
+        check_rewards_available(collection, step)
         if not collection.full:
             logger.warning("step %d: %d of %d groups with a learning signal after %d generation round(s); training on "
                            "those", step, len(collection.kept), batch_size, collection.num_rounds)
@@ -266,15 +303,20 @@ class GRPOTrainer:
 
         state = {"step": self.step, "num_optimizer_steps": self.num_optimizer_steps,
                  "sampler": self.sampler.state_dict(), "layout": _layout(self.cfg)}
-        path = self.plan.checkpoints.save(self.step, state, self.cfg, write_shards)
+        try:
+            path = self.plan.checkpoints.save(self.step, state, self.cfg, write_shards)
+        except Exception as err:  # noqa: BLE001 - what failed is named; the traceback goes to the log
+            logger.debug("checkpoint save failed", exc_info=True)
+            raise CheckpointSaveError(f"saving the checkpoint of step {self.step} under {self.plan.checkpoints.root} "
+                                      f"failed: {_root_cause(err)}{self.plan.checkpoints.space_note()}") from err
         print(f"saved checkpoint {path}", flush=True)
         return path
 
     def _restore(self, path: Path, state: dict) -> None:
         fingerprints = self.workers.load_checkpoint(str(path))
         if state["layout"] == _layout(self.cfg) and fingerprints != state["actor_fingerprint"]:
-            raise RuntimeError(f"{path}: the actor state after loading differs from the one saved "
-                               f"({fingerprints} != {state['actor_fingerprint']})")
+            raise CheckpointError(f"{path}: the actor state after loading differs from the one saved "
+                                  f"({fingerprints} != {state['actor_fingerprint']})")
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.num_optimizer_steps = state["num_optimizer_steps"]
@@ -284,13 +326,46 @@ class GRPOTrainer:
     def close(self) -> None:
         import ray
 
-        if hasattr(self, "logger"):
-            self.logger.close()
-        if self.workers is not None:
-            self.workers.shutdown()
-            self.workers = None
-        if self._owns_ray:
-            ray.shutdown()
+        try:
+            if hasattr(self, "logger"):
+                self.logger.close()
+            if self.workers is not None:
+                self.workers.shutdown()
+                self.workers = None
+            if self._owns_ray:
+                ray.shutdown()
+        finally:
+            if self._reaper is not None:  # whatever the orderly shutdown left (Ray's agents ignore SIGTERM)
+                self._reaper.close()
+                self._reaper = None
+
+
+def check_rewards_available(collection: Collection, step: int) -> None:
+    """RewardsUnavailable when every sample of the step that gave an answer failed to score (the judge down beyond
+    its retries, a reward server gone): nothing the policy answered can be rewarded, and going on would only spend
+    steps without updates. Samples without an answer are scored 0 without asking the verifier, so they do not
+    count; a step where some answers were scored trains on those."""
+    answered = [s for s in collection.samples if not (s.trajectory.void or s.trajectory.exceed)]
+    failed = [s.reward for s in answered if s.reward.failed]
+    if answered and len(failed) == len(answered):
+        raise RewardsUnavailable(
+            f"step {step}: all {len(failed)} answered samples of {collection.num_rounds} generation round(s) failed "
+            f"to score, first: {failed[0].error}; fix the verifier (e.g. the judge's endpoint), then resume")
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost OSError of `err` (through Ray's task errors and exception chains) if there is one, else the
+    last line of the innermost error's message."""
+    seen, current, found = set(), err, None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            found = current
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    if found is not None:
+        return str(found)
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _layout(cfg: Config) -> dict[str, int]:
@@ -301,23 +376,48 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def _start_ray(cfg: Config) -> None:
+def _start_ray(cfg: Config):
     """Join the cluster named by RAY_ADDRESS (several nodes: `ray start --head` on the first, `ray start
-    --address=HEAD:6379` on the others, see docs/trainer.md), or start a local one on this machine."""
+    --address=HEAD:6379` on the others, see docs/trainer.md), or start a local one on this machine, watched by a
+    Reaper (returned) that ends every process of it when this driver exits, however it exits. The actors of a
+    joined cluster end with their driver (Ray's owner fate sharing)."""
     import ray
+
+    from megatron_minio3.trainer.reaper import Reaper
 
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        print(f"joined the Ray cluster at {address}: {ray.cluster_resources().get('GPU', 0):g} GPU(s), "
-              f"{len(ray.nodes())} node(s)", flush=True)
-        return
-    ray.init(num_cpus=max(_cpu_count(), cfg.parallel.world_size + cfg.trainer.num_rollout_workers),
-             include_dashboard=False, log_to_driver=True)
+        print(f"joined the Ray cluster at {address}: {ray.cluster_resources().get('CPU', 0):g} CPU(s), "
+              f"{ray.cluster_resources().get('GPU', 0):g} GPU(s), {len(ray.nodes())} node(s)", flush=True)
+        return None
+    reaper = Reaper()
+    num_cpus = max(_cpu_count(), cfg.parallel.world_size + cfg.trainer.num_rollout_workers)
+    try:
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when its raylet registers late
+            if "timed out during startup" not in str(err):
+                raise
+            logger.warning("Ray's local cluster did not come up in time (a loaded machine?); trying once more")
+            ray.shutdown()
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    except BaseException:
+        reaper.close()
+        raise
+    return reaper
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the trainer closes what it started."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_minio3.workers.placement import WorkerCrashed
+    from megatron_minio3.workers.placement import LaunchRefused, WorkerCrashed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
@@ -338,20 +438,34 @@ def main(argv: list[str] | None = None) -> int:
                   "to do (raise trainer.total_steps to train further, or choose another trainer.output_dir)")
             return 0
     trainer = None
+    previous_sigterm = _on_sigterm(_raise_terminated)
     try:
         trainer = GRPOTrainer(cfg, plan)
         trainer.fit()
-    except KeyboardInterrupt:
-        latest = plan.checkpoints.latest()
-        print(f"\ninterrupted; latest complete checkpoint: {latest or 'none'}", file=sys.stderr)
-        return 130
-    except WorkerCrashed as err:
+    except KeyboardInterrupt as err:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(err, _Terminated) else ("interrupted", 130)
+        print(f"\n{what}; latest complete checkpoint: {plan.checkpoints.latest() or 'none'}", file=sys.stderr)
+        return code
+    except (LaunchRefused, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (WorkerCrashed, CheckpointSaveError, RewardsUnavailable) as err:
         print(f"error: {err}\nlatest complete checkpoint: {plan.checkpoints.latest() or 'none'}", file=sys.stderr)
         return 1
     finally:
         if trainer is not None:
             trainer.close()
+        _on_sigterm(previous_sigterm)
     return 0
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM (main thread only: elsewhere signals cannot be handled); the previous one."""
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -184,8 +184,9 @@ def _divisors_of_all(*values: int) -> list[int]:
     return [n for n in range(1, min(values) + 1) if all(v % n == 0 for v in values)]
 
 
-def _structure_problems(cfg: Config, d: ModelDims) -> list[str]:
-    """Sizes that do not split: Megatron TP/PP over the model, vLLM TP over the heads, engines over the ranks."""
+def layout_problems(cfg: Config, d: ModelDims) -> list[str]:
+    """Sizes that do not split, on any machine: Megatron TP/PP over the model, vLLM TP over the heads, engines over
+    the ranks. (The launch plan adds the node checks.)"""
     p, R, problems = cfg.parallel, cfg.rollout.tensor_parallel_size, []
     splits = {"num_attention_heads": d.num_attention_heads, "num_key_value_heads": d.num_kv_heads,
               "vocab_size": d.vocab_size, "intermediate_size": d.intermediate_size}
@@ -199,13 +200,27 @@ def _structure_problems(cfg: Config, d: ModelDims) -> list[str]:
     if d.num_attention_heads % R or (d.num_kv_heads % R and R % d.num_kv_heads):
         problems.append(f"rollout.tensor_parallel_size={R} must divide num_attention_heads={d.num_attention_heads} "
                         f"and divide or be a multiple of num_key_value_heads={d.num_kv_heads} (vLLM)")
-    if R > cfg.cluster.gpus_per_node:
-        problems.append(f"rollout.tensor_parallel_size={R} exceeds cluster.gpus_per_node={cfg.cluster.gpus_per_node}"
-                        ": an engine must run inside one node")
     if cfg.trainer.rollout_placement == "hybrid" and p.world_size % R:
         problems.append(f"hybrid placement: the {p.world_size} actor ranks (parallel: tp {p.tp} x pp {p.pp} x cp "
                         f"{p.cp} x dp {p.dp}) do not split into engines of rollout.tensor_parallel_size={R} ranks; "
                         f"choose a rollout.tensor_parallel_size that divides {p.world_size}")
+    return problems
+
+
+def check_layout(cfg: Config, hf_config: dict[str, Any]) -> None:
+    """ValueError, one line naming the keys and numbers, when the parallel layout does not split the model."""
+    problems = layout_problems(cfg, read_model_dims(hf_config))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _structure_problems(cfg: Config, d: ModelDims) -> list[str]:
+    """layout_problems, and engines that must fit in a node."""
+    problems = layout_problems(cfg, d)
+    R = cfg.rollout.tensor_parallel_size
+    if R > cfg.cluster.gpus_per_node:
+        problems.append(f"rollout.tensor_parallel_size={R} exceeds cluster.gpus_per_node={cfg.cluster.gpus_per_node}"
+                        ": an engine must run inside one node")
     return problems
 
 

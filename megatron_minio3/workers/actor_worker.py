@@ -64,8 +64,7 @@ class ActorWorker(RankWorker):
 
     # ------------------------------------------------------------------ set-up
 
-    def setup(self, total_optimizer_steps: int, probe_prompts: Sequence[Prompt], seed_offset: int,
-              handle: int | None) -> dict:
+    def setup(self, total_optimizer_steps: int, probe_prompts: Sequence[Prompt], handle: int | None) -> dict:
         """Build the policy (and reference) from the HF checkpoint, the exporter and, when `handle` is given
         (hybrid placement), this rank's part of the engine of rollout handle `handle`. Returns this rank's
         coordinates."""
@@ -116,7 +115,7 @@ class ActorWorker(RankWorker):
             if ranks_per_engine > 1:  # collective: every rank creates every engine's group
                 group = build_engine_groups(self.ctx.world_size, ranks_per_engine)[handle]
             self._offload(ALL_STATE)  # the engine's memory profiling must see the room it will have
-            self.rollout = RolloutRuntime(cfg, probe_prompts, handle=handle, seed_offset=seed_offset, group=group)
+            self.rollout = RolloutRuntime(cfg, probe_prompts, handle=handle, group=group)
         self.phase = "rollout"
         self.memory.start("rollout")
         return {**coords, "is_last_stage": self.ctx.is_last_stage, "writes_results": self._writes_results}
@@ -156,9 +155,9 @@ class ActorWorker(RankWorker):
 
     # ------------------------------------------------------------------ rollout (engine ranks, hybrid)
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int) -> RoundSummary:
+    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary:
         self._enter("rollout")
-        return self.rollout.generate_round(prompts, step)
+        return self.rollout.generate_round(prompts, step, seeds)
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]):
         shares = self.rollout.take_training_shares(requests)

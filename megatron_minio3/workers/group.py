@@ -15,6 +15,8 @@ from typing import Any
 
 from megatron_minio3.parallel import ParallelContext, free_port
 
+SHUTDOWN_TIMEOUT_S = 30.0  # a rank still waiting in a collective for a dead one is killed after this
+
 
 class RankWorker:
     """Base class of Megatron rank actors. Subclasses add the work (actor/ref steps, weight export)."""
@@ -108,12 +110,17 @@ class WorkerGroup:
             raise ValueError(f"need arguments for {self.world_size} ranks, got {len(per_rank_args)}")
         return ray.get([getattr(w, method).remote(*a) for w, a in zip(self.workers, per_rank_args)])
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """`shutdown` on every rank, then kill them all. A rank that does not answer within `timeout_s` (one still
+        waiting in a collective for a rank that died) is killed without it; a failed rank's error is raised."""
         import ray
 
         try:
-            self.call("shutdown")
+            refs = [w.shutdown.remote() for w in self.workers]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            ray.get(ready)
         finally:
             for worker in self.workers:
                 ray.kill(worker)
             self.workers = []
+

@@ -31,14 +31,14 @@ from megatron_minio3.config.schema import Config
 from megatron_minio3.data.minio3_json import Prompt
 from megatron_minio3.trainer.step_plan import RoundSummary, SeqKey, StepPlan
 from megatron_minio3.weights.probe import ProbeSequence
-from megatron_minio3.workers.group import WorkerGroup
+from megatron_minio3.workers.group import SHUTDOWN_TIMEOUT_S, WorkerGroup
 
 
 class RolloutHandle(Protocol):
     """The methods of a rollout handle (an engine-leading ActorWorker in hybrid placement, a RolloutWorker in
     separate placement) that TrainingWorkers calls through Ray; both classes implement them."""
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int) -> RoundSummary: ...
+    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary: ...
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]) -> Any: ...  # one value per dp rank
 
@@ -49,6 +49,10 @@ class RolloutHandle(Protocol):
 
 class WorkerCrashed(RuntimeError):
     """A worker process died (killed, out of memory, segfault); the run cannot continue."""
+
+
+class LaunchRefused(ValueError):
+    """The Ray cluster cannot hold the run (found before any worker starts); the message says what is missing."""
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
@@ -74,12 +78,91 @@ def engine_handles(world_size: int, ranks_per_engine: int) -> list[int]:
 
 
 def _get(refs: list, what: str) -> list:
+    """ray.get of every ref, failing as soon as any of them fails (not in list order: the ranks that wait for a
+    dead one in a collective would otherwise be waited for first)."""
     import ray
 
     try:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # raises the failure of this one now
         return ray.get(refs)
-    except ray.exceptions.RayActorError as err:
-        raise WorkerCrashed(f"a worker process died during {what}: {err}") from None
+    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
+        raise WorkerCrashed(f"a worker process died during {what}: {_describe(err)}") from None
+    except ray.exceptions.RayTaskError:
+        dead = _death_among(refs)  # a rank whose collective broke because another rank died: report the death
+        if dead is not None:
+            raise WorkerCrashed(f"a worker process died during {what}: {_describe(dead)}") from None
+        raise
+
+
+def _death_among(refs: list, wait_s: float = 10.0) -> BaseException | None:
+    """The first RayActorError among `refs` once they have settled (at most `wait_s`), or None."""
+    import ray
+
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            return err
+        except ray.exceptions.RayError:
+            continue
+    return None
+
+
+def _describe(err: BaseException) -> str:
+    """The first line of a Ray error, with the class and pid of the actor when Ray names them."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    details = [line for line in lines[1:] if line.startswith(("class_name:", "pid:"))]
+    return " ".join(lines[:1] + details) if lines else type(err).__name__
+
+
+def required_resources(cfg: Config, on_gpu: bool) -> dict[str, float]:
+    """Ray resources the run's actors ask for: one CPU (and with CUDA one GPU) per actor rank, one CPU (and R GPUs)
+    per separate rollout worker."""
+    workers = cfg.trainer.num_rollout_workers if cfg.trainer.rollout_placement == "separate" else 0
+    needed = {"CPU": float(cfg.parallel.world_size + workers)}
+    if on_gpu:
+        needed["GPU"] = float(cfg.parallel.world_size + workers * cfg.rollout.tensor_parallel_size)
+    return needed
+
+
+def _shortfall(needed: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    return {name: amount for name, amount in needed.items() if have.get(name, 0.0) < amount}
+
+
+def check_cluster_resources(cfg: Config, on_gpu: bool, wait_s: float | None = None) -> None:
+    """LaunchRefused when the Ray cluster has fewer CPUs/GPUs in total than the run's actors ask for (Ray would wait
+    for them forever), or when they stay taken by others for `wait_s` (default PLACEMENT_TIMEOUT_S)."""
+    import time
+
+    import ray
+
+    needed = required_resources(cfg, on_gpu)
+    total = ray.cluster_resources()
+    what = (f"parallel: {cfg.parallel.world_size} actor ranks (tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x cp "
+            f"{cfg.parallel.cp} x dp {cfg.parallel.dp})")
+    if cfg.trainer.rollout_placement == "separate":
+        what += f" + trainer.num_rollout_workers={cfg.trainer.num_rollout_workers}"
+    missing = _shortfall(needed, total)
+    if missing:
+        asked = ", ".join(f"{needed[k]:g} {k}s" for k in missing)
+        has = ", ".join(f"{total.get(k, 0.0):g} {k}s" for k in missing)
+        raise LaunchRefused(f"the run needs {asked} ({what}, one each) but the Ray cluster has {has}; shrink the "
+                            "layout or add resources to the cluster (ray start ... --num-cpus/--num-gpus)")
+    deadline = time.monotonic() + (PLACEMENT_TIMEOUT_S if wait_s is None else wait_s)
+    waiting = False
+    while _shortfall(needed, ray.available_resources()):
+        if time.monotonic() > deadline:
+            free = ray.available_resources()
+            raise LaunchRefused(f"the run needs {needed} ({what}) but only {({k: free.get(k, 0.0) for k in needed})} "
+                                "stayed free in the Ray cluster (other jobs hold the rest)")
+        if not waiting:
+            print(f"waiting for {needed} to be free in the Ray cluster ...", flush=True)
+            waiting = True
+        time.sleep(1.0)
 
 
 @dataclass
@@ -104,10 +187,14 @@ class TrainingWorkers:
 
     # ---------------------------------------------------------------- a step
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int) -> list[RoundSummary]:
-        """Prompts split evenly over the rollout handles; each returns the summaries of its groups."""
+    def generate_round(self, prompts: Sequence[Prompt], step: int, round_index: int = 0) -> list[RoundSummary]:
+        """Prompts split evenly over the rollout handles; each returns the summaries of its groups. Every prompt
+        gets its sampling seed from its place in the round before the split (rollout/seeds.py)."""
+        from megatron_minio3.rollout.seeds import round_prompt_seeds
+
         num = len(self.rollout)
-        return self._on_handles("generate_round", [(list(prompts[i::num]), step) for i in range(num)])
+        seeds = round_prompt_seeds(self.cfg.rollout.seed, step, round_index, [p.uid for p in prompts])
+        return self._on_handles("generate_round", [(list(prompts[i::num]), step, seeds[i::num]) for i in range(num)])
 
     def train(self, plan: StepPlan) -> dict[str, float]:
         """Every handle sends each data-parallel rank its sequences (object refs, never through here); every
@@ -165,9 +252,9 @@ class TrainingWorkers:
         import ray
 
         for worker in self.rollout_workers:
-            try:
-                ray.get(worker.shutdown.remote())
-            except ray.exceptions.RayError:
+            try:  # bounded: a worker may still wait in a weight broadcast for an actor rank that died
+                ray.get(worker.shutdown.remote(), timeout=SHUTDOWN_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError):
                 pass
             ray.kill(worker)
         try:
@@ -201,9 +288,7 @@ def train_metrics(reports: Sequence[dict], plan: StepPlan) -> dict[str, float]:
     return metrics
 
 
-def start_workers(
-    cfg: Config, total_optimizer_steps: int, probe_prompts: Sequence[Prompt], seed_offset: int
-) -> TrainingWorkers:
+def start_workers(cfg: Config, total_optimizer_steps: int, probe_prompts: Sequence[Prompt]) -> TrainingWorkers:
     """Start the actor ranks (and, for `separate`, the rollout workers) and build everything in them."""
     import ray
 
@@ -213,16 +298,7 @@ def start_workers(
 
     on_gpu = _cuda_available()
     hybrid = cfg.trainer.rollout_placement == "hybrid"
-    if on_gpu:  # Ray would wait forever for GPUs the cluster does not have
-        needed = cfg.parallel.world_size + (
-            0 if hybrid else cfg.trainer.num_rollout_workers * cfg.rollout.tensor_parallel_size
-        )
-        available = ray.cluster_resources().get("GPU", 0)
-        if needed > available:
-            raise ValueError(
-                f"the run needs {needed} GPUs (parallel: {cfg.parallel.world_size} actor ranks, plus rollout workers "
-                f"with trainer.rollout_placement=separate) but the Ray cluster has {available:g}"
-            )
+    check_cluster_resources(cfg, on_gpu)  # Ray would wait forever for resources the cluster does not have
     env = worker_env(cfg)
     actors = WorkerGroup(
         ActorWorker, cfg.parallel.world_size, num_cpus_per_worker=1, num_gpus_per_worker=1 if on_gpu else 0,
@@ -233,12 +309,12 @@ def start_workers(
     if not hybrid:
         remote = ray.remote(num_cpus=1, num_gpus=cfg.rollout.tensor_parallel_size if on_gpu else 0)(RolloutWorker)
         rollout_workers = [
-            remote.remote(cfg, probe_prompts, index, seed_offset, env) for index in range(cfg.trainer.num_rollout_workers)
+            remote.remote(cfg, probe_prompts, index, env) for index in range(cfg.trainer.num_rollout_workers)
         ]
     workers = TrainingWorkers(cfg, actors, [], [], rollout_workers)
     try:
         workers.coords = _get(
-            [w.setup.remote(total_optimizer_steps, probe_prompts, seed_offset, handles[rank] if hybrid else None)
+            [w.setup.remote(total_optimizer_steps, probe_prompts, handles[rank] if hybrid else None)
              for rank, w in enumerate(actors.workers)], "actor.setup",
         )
         if rollout_workers:
@@ -278,7 +354,7 @@ def node_bundles(cfg: Config) -> list[tuple[Any, int]]:
         ray.get([group.ready() for group in groups], timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         nodes = [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]]
-        raise ValueError(
+        raise LaunchRefused(
             f"could not place {world} actor ranks as {len(groups)} node(s) of up to {per_node} GPUs "
             f"(cluster.gpus_per_node) within {PLACEMENT_TIMEOUT_S} s; the Ray cluster's nodes have {nodes} GPUs: start "
             "the missing nodes (ray start --address=HEAD:6379) or match cluster.* to the machines"

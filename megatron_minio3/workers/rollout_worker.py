@@ -41,17 +41,16 @@ class RolloutRuntime:
     ranks, rollout/spmd.py) every rank of the group holds a RolloutRuntime; the leader's serves the calls
     below and releases the others, which `follow` meanwhile."""
 
-    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], *, handle: int, seed_offset: int = 0,
-                 group: EngineGroup | None = None):
+    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], *, handle: int, group: EngineGroup | None = None):
         from megatron_minio3.rewards.manager import RewardManager
         from megatron_minio3.rollout.agent_loop import AgentLoop
         from megatron_minio3.rollout.engine import VllmEngine
 
         self.cfg = cfg
         self.handle = handle
-        # Each handle samples its own stream, and a resumed run must not replay the sampling of its first steps.
-        # (The ranks of one engine group share the handle, hence the seed: they must sample alike.)
-        rollout_cfg = dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + seed_offset + 7919 * handle)
+        # Every training request carries a seed of its own (rollout/seeds.py), so the engines' seed only drives
+        # requests without one; all engines (and the ranks of one engine group) share it.
+        rollout_cfg = cfg.rollout
         max_images = max(cfg.rollout.max_images, cfg.eval.max_images if cfg.trainer.eval_every else 0)
         if group is not None and rollout_cfg.num_engines != 1:
             raise ValueError("rollout.num_engines must be 1 when an engine spans several ranks")
@@ -79,7 +78,8 @@ class RolloutRuntime:
             else None
         )
         self._groups: dict[int, SampleGroup] = {}  # kept groups of the current step, by group id
-        self._group_ids = itertools.count()
+        self._group_ids = itertools.count()  # numbered from 0 in every step: a resumed step numbers them alike
+        self._step = None
 
     # ------------------------------------------------------------------ one step's data
 
@@ -97,15 +97,20 @@ class RolloutRuntime:
         for engine in self.engines:
             engine.follow()
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int) -> RoundSummary:
+    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary:
         """Roll out rollout.n samples of each prompt, score and group them; keep the groups with a learning
-        signal until take_training_shares; return their summaries (step is 1-based, for reward schedules)."""
+        signal until take_training_shares; return their summaries (step is 1-based, for reward schedules).
+        `seeds`: each prompt's base sampling seed (rollout/seeds.py)."""
         from megatron_minio3.trainer.batch import group_by_prompt, groups_to_keep, summarize_group
         from megatron_minio3.trainer.eval import to_reward_input
 
         cfg = self.cfg
+        if step != self._step:  # a new step: the groups of the last one (a step that trained on none) are gone
+            self._step = step
+            self._groups.clear()
+            self._group_ids = itertools.count()
         with self._phase():
-            batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n))
+            batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n, seeds=seeds))
         started = time.perf_counter()
         results = self.reward.score_sync(
             [to_reward_input(traj) for traj in batch.trajectories], validation=False, step=step - 1,
@@ -186,14 +191,13 @@ class RolloutRuntime:
 class RolloutWorker:
     """Ray actor for `trainer.rollout_placement: separate`: a RolloutRuntime receiving weights over a group."""
 
-    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], handle: int, seed_offset: int,
-                 env: dict[str, str]):
+    def __init__(self, cfg: Config, probe_prompts: Sequence[Prompt], handle: int, env: dict[str, str]):
         os.environ.update(env)
-        self.runtime = RolloutRuntime(cfg, probe_prompts, handle=handle, seed_offset=seed_offset)
+        self.runtime = RolloutRuntime(cfg, probe_prompts, handle=handle)
         self.weight_group = None
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int) -> RoundSummary:
-        return self.runtime.generate_round(prompts, step)
+    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary:
+        return self.runtime.generate_round(prompts, step, seeds)
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]):
         shares = self.runtime.take_training_shares(requests)

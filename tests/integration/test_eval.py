@@ -71,8 +71,8 @@ def test_eval_writes_avg_at_k_per_source(eval_run, tiny_hf_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["k"] == 2 and not metrics["greedy"] and metrics["model"] == str(tiny_hf_dir)
     per_source = metrics["per_source"]
-    assert set(per_source) == {"synthetic_visual_search", "bench_b", "all"}
-    assert per_source["synthetic_visual_search"]["num_questions"] == 3
+    assert set(per_source) == {"synthetic_visual_search_medium", "bench_b", "all"}
+    assert per_source["synthetic_visual_search_medium"]["num_questions"] == 3
     assert per_source["bench_b"]["num_questions"] == 2 and per_source["bench_b"]["num_skipped"] == 1
     assert per_source["all"]["num_samples"] == 5 * 2
     assert per_source["all"]["num_turns_mean"] >= 1 and per_source["all"]["num_generated_tokens_mean"] > 0
@@ -88,7 +88,7 @@ def test_eval_writes_avg_at_k_per_source(eval_run, tiny_hf_dir):
         answered = traj.turn_texts[-1].split("<answer>")[-1].split("</answer>")[0] if traj.end_reason == "answer" else None
         assert extra["accuracy"] == float(answered == f"({traj.ground_truth})")
         by_question.setdefault((traj.data_source, traj.uid), []).append(extra["accuracy"])
-    for source in ("synthetic_visual_search", "bench_b"):
+    for source in ("synthetic_visual_search_medium", "bench_b"):
         means = [sum(v) / len(v) for (s, _), v in by_question.items() if s == source]
         assert per_source[source]["avg@2"] == pytest.approx(sum(means) / len(means))
     assert "avg@2" in stdout and "bench_b" in stdout

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +27,7 @@ from megatron_minio3.trainer.checkpoint import STATE_FILE, CheckpointManager
 from megatron_minio3.trainer.logging import read_metrics
 from megatron_minio3.trainer.sampler import PromptSampler
 from tests.distributed import REPO_ROOT
+from tests.processes import kill_marked, marked_processes, new_marker, wait_for_process, wait_until_gone
 
 TOOL_REGEX = (
     r"<think>[a-z ]{1,6}</think>("
@@ -35,7 +39,7 @@ TOOL_REGEX = (
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("visual_search")
-    spec = VisualSearchSpec(width=448, height=336, num_distractors=12)
+    spec = VisualSearchSpec(width=448, height=336, num_distractors=12, question_kinds=("mc",))  # the regex answers letters
     return write_visual_search_dataset(root, 12, seed=3, spec=spec)
 
 
@@ -94,6 +98,15 @@ def test_config_error_stops_the_command_line_before_any_worker(tiny_hf_dir, data
         ("reward.verifiers={synthetic_visual_search: nope}", "is not a verifier"),
         ("trainer.eval_every=2", "trainer.eval_every is set but data.val_files is empty"),
         ("weights.bucket_mb=1024", "weights.bucket_mb (1024) must not exceed rollout.weight_bucket_mb"),
+        # the layout against the model, on any machine (the launch plan's structure checks)
+        ("parallel.tp=3", "parallel.tp=3 does not divide the model's num_attention_heads=4"),
+        ("parallel.pp=3", "parallel.pp=3 does not divide num_hidden_layers=2"),
+        (("parallel.tp=2", "rollout.tensor_parallel_size=4"), "rollout.tensor_parallel_size (4) must divide the "
+                                                              "actor's 2 ranks"),
+        # the batch against the rollout handles: 4 engines for 2 prompts per round
+        ("parallel.dp=4", "trainer.train_batch_size=2 prompts per generation round cannot feed the run's 4 rollout "
+                          "handles (hybrid placement: parallel tp 1 x pp 1 x cp 1 x dp 4 ranks"),
+        ("trainer.resume=step_00000007", "trainer.resume=step_00000007: "),
     ],
 )
 def test_config_mistakes_raise_before_ray_starts(tiny_hf_dir, dataset, tmp_path, bad, message):
@@ -111,12 +124,31 @@ def test_finished_checkpoints_are_never_overwritten(tiny_hf_dir, dataset, tmp_pa
     from megatron_minio3.trainer.grpo import prepare
 
     (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step_00000004" / STATE_FILE).write_text("{}")
+    (tmp_path / "checkpoints" / "step_00000004" / STATE_FILE).write_text('{"step": 4}')  # no checksums: not verified
     cfg = load_config(REPO_ROOT / "configs/tiny_cpu.yaml", overrides(tiny_hf_dir, dataset, tmp_path))
     assert prepare(cfg).resume_from == tmp_path / "checkpoints" / "step_00000004"
     cfg.trainer.resume = False
     with pytest.raises(ValueError, match="trainer.resume is false but .* holds checkpoints"):
         prepare(cfg)
+
+
+def test_a_cluster_without_the_cpus_for_the_layout_is_refused_before_any_worker(ray_cluster, tiny_hf_dir, dataset,
+                                                                               tmp_path, capsys):
+    """Three actor ranks ask Ray for three CPUs; the cluster (the fixture's, as one joined through RAY_ADDRESS)
+    has two. Before: Ray waited for them forever. Now: exit 2 with the numbers, no actor started."""
+    import ray
+
+    from megatron_minio3.trainer.grpo import main
+
+    settings = {"parallel.dp": 3, "trainer.train_batch_size": 3}
+    started = time.monotonic()
+    code = main(["--config", str(REPO_ROOT / "configs/tiny_cpu.yaml"), *overrides(tiny_hf_dir, dataset, tmp_path,
+                                                                                   **settings)])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "error: the run needs 3 CPUs (parallel: 3 actor ranks (tp 1 x pp 1 x cp 1 x dp 3), one each) but the " \
+           "Ray cluster has 2 CPUs" in err
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True)] and time.monotonic() - started < 60
 
 
 def probe_records(records: list[dict]) -> list[dict]:
@@ -235,3 +267,77 @@ def test_hybrid_layouts_two_steps_then_resume(ray_cluster, tiny_hf_dir, dataset,
                                               resume_layout):
     """The other actor layouts, each rank with its engine, and one engine spanning two ranks (vLLM TP2)."""
     two_steps_then_resume(tiny_hf_dir, dataset, tmp_path / "run", capsys, layout, resume_layout)
+
+
+# Metrics that measure the machine, not the run: they cannot repeat.
+VOLATILE = re.compile(r"^(time$|timing/|memory/)|_s$|_per_s$|^rollout/wall_s$|^weights/sync_gb_per_s$")
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys):
+    """Run A trains 2 steps; run B resumes from A's step-1 checkpoint and trains step 2. Every request samples from
+    a seed of its own (rollout.seed, step, round, prompt, sample, turn), the actor draws no random number and the
+    checkpoint restores the model, Adam and the schedule bit for bit, so B's step 2 equals A's: the same samples,
+    rewards, dynamic-sampling rounds, losses, gradient norms and weights (fp32 on CPU). Then a damaged shard of
+    B's last checkpoint stops the command line before any worker, naming the file and the checkpoint before it."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    settings = {"trainer.total_steps": 2, "trainer.max_generation_rounds": 2}
+    train(overrides(tiny_hf_dir, dataset, run_a, **settings), capsys)
+    (run_b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_a / "checkpoints" / "step_00000001", run_b / "checkpoints" / "step_00000001")
+    shutil.copy(run_a / "metrics.jsonl", run_b / "metrics.jsonl")
+    stdout = train(overrides(tiny_hf_dir, dataset, run_b, **settings), capsys)
+    assert f"resumed from {run_b / 'checkpoints' / 'step_00000001'} (step 1" in stdout
+
+    step_a, step_b = ([r for r in read_metrics(run / "metrics.jsonl") if r["step"] == 2 and "event" not in r][0]
+                      for run in (run_a, run_b))
+    stable = sorted(key for key in step_a if not VOLATILE.search(key))
+    for key in ("reward/mean", "rollout/generated_tokens_mean", "rollout/num_turns_mean", "sampling/num_rounds",
+                "sampling/num_kept_groups", "actor/loss", "actor/pg_loss", "actor/grad_norm", "actor/entropy",
+                "actor/rollout_logprob_diff", "actor/optimizer_steps", "probe/rollout_logprob_mean"):
+        assert key in stable, key
+    assert sorted(key for key in step_b if not VOLATILE.search(key)) == stable
+    assert {k: step_b[k] for k in stable} == {k: step_a[k] for k in stable}
+    state_a, state_b = (CheckpointManager.read_state(run / "checkpoints" / "step_00000002") for run in (run_a, run_b))
+    assert state_b["actor_fingerprint"] == state_a["actor_fingerprint"]
+    assert state_b["sampler"] == state_a["sampler"]
+    # the probe at the start of B (the checkpoint's weights in a fresh engine) equals A's after step 1
+    probe_a = [r for r in read_metrics(run_a / "metrics.jsonl") if r["step"] == 1 and "event" not in r][0]
+    probe_b = [r for r in read_metrics(run_b / "metrics.jsonl") if r.get("event") == "probe"][-1]
+    assert probe_b["probe/rollout_logprob_mean"] == probe_a["probe/rollout_logprob_mean"]
+
+    shard = max((run_b / "checkpoints" / "step_00000002").rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    started = time.monotonic()
+    result = run_grpo([*overrides(tiny_hf_dir, dataset, run_b), "trainer.total_steps=3"], timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {run_b / 'checkpoints' / 'step_00000002'} is damaged: {shard}: ")
+    assert "(truncated or replaced); the previous complete checkpoint is " \
+           f"{run_b / 'checkpoints' / 'step_00000001'}: resume from it with trainer.resume=1" in last
+    assert "Traceback" not in result.stderr and "starting" not in result.stdout
+    assert time.monotonic() - started < 60
+
+
+def test_a_killed_driver_leaves_no_process_behind(tiny_hf_dir, dataset, tmp_path):
+    """SIGKILL of the command line once its actor rank runs: its watchdog (trainer/reaper.py) ends what it started
+    (Ray's GCS, raylet, agents and workers, the engine). Before it, Ray's DashboardAgent and RuntimeEnvAgent
+    stayed (about 200 MB; they ignore SIGTERM)."""
+    marker = new_marker()
+    log = tmp_path / "run.log"
+    with log.open("w") as handle:
+        driver = subprocess.Popen(
+            [sys.executable, "-u", "-m", "megatron_minio3.trainer.grpo", "--config", "configs/tiny_cpu.yaml",
+             *overrides(tiny_hf_dir, dataset, tmp_path / "run")],
+            cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **marker})
+    try:
+        wait_for_process(marker, "ray::ActorWorker", timeout=300, alive=lambda: driver.poll() is None)
+        time.sleep(2)  # the worker is building its model and engine
+        assert len(marked_processes(marker)) >= 6  # driver, GCS, raylet, agents, worker, ...
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        killed = time.monotonic()
+        left = wait_until_gone(marker, timeout=60)
+        assert left == {}, left
+        print(f"every process of the run gone {time.monotonic() - killed:.1f} s after the driver's SIGKILL")
+    finally:
+        kill_marked(marker)

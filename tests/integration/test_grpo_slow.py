@@ -1,10 +1,10 @@
 """Heavier GRPO runs on CPU (`make test-slow`): the separate rollout placement with a TP2 actor and a resume at
-another layout, Ctrl-C and a killed worker in the middle of a run, and whether reward rises over more steps."""
+another layout, Ctrl-C in the middle of a run, and whether reward rises over more steps. Every run must leave no
+process behind. (Killed workers, a judge down and a full disk: test_grpo_faults.py.)"""
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,21 +18,35 @@ from megatron_minio3.trainer.checkpoint import CheckpointManager
 from megatron_minio3.trainer.logging import read_metrics
 from tests.distributed import REPO_ROOT
 from tests.integration.test_grpo_cpu import dataset, overrides  # noqa: F401 (dataset is a fixture)
+from tests.processes import kill_marked, new_marker, wait_until_gone
 
 pytestmark = pytest.mark.slow
 
 
 def start_grpo(args: list[str], log: Path) -> subprocess.Popen:
+    """The command line, its processes marked (`process.marker`) to check that none outlives it."""
     handle = log.open("w")
-    return subprocess.Popen(
+    marker = new_marker()
+    process = subprocess.Popen(
         [sys.executable, "-u", "-m", "megatron_minio3.trainer.grpo", "--config", "configs/tiny_cpu.yaml", *args],
-        cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, text=True, env={**os.environ, **marker},
     )
+    process.marker = marker
+    return process
+
+
+def assert_nothing_left(process: subprocess.Popen) -> None:
+    try:
+        left = wait_until_gone(process.marker, timeout=30)
+        assert left == {}, left
+    finally:
+        kill_marked(process.marker)
 
 
 def run_grpo(args: list[str], log: Path, timeout: float = 900) -> str:
     process = start_grpo(args, log)
     assert process.wait(timeout=timeout) == 0, log.read_text()[-6000:]
+    assert_nothing_left(process)
     return log.read_text()
 
 
@@ -76,6 +90,7 @@ def test_ctrl_c_keeps_the_last_complete_checkpoint(tiny_hf_dir, dataset, tmp_pat
     wait_for(out / "checkpoints" / "step_00000001", process, log)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=300) == 130, log.read_text()[-6000:]
+    assert_nothing_left(process)
     manager = CheckpointManager(out / "checkpoints")
     latest = manager.latest()
     assert latest is not None and f"interrupted; latest complete checkpoint: {latest}" in log.read_text()
@@ -89,27 +104,12 @@ def test_ctrl_c_keeps_the_last_complete_checkpoint(tiny_hf_dir, dataset, tmp_pat
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_a_killed_worker_stops_the_run_with_a_clear_error(tiny_hf_dir, dataset, tmp_path):  # noqa: F811
-    out = tmp_path / "run"
-    log = tmp_path / "run.log"
-    process = start_grpo(overrides(tiny_hf_dir, dataset, out, **{"trainer.total_steps": 50}), log)
-    wait_for(out / "checkpoints" / "step_00000001", process, log)
-    worker_pid = int(re.search(r"ActorWorker pid=(\d+)", log.read_text()).group(1))
-    os.kill(worker_pid, signal.SIGKILL)
-    assert process.wait(timeout=300) == 1, log.read_text()[-6000:]
-    text = log.read_text()
-    assert "error: a worker process died during" in text
-    assert "latest complete checkpoint: " + str(out / "checkpoints" / "step_0000000") in text
-    latest = CheckpointManager(out / "checkpoints").latest()
-    assert latest is not None and (latest / "model" / "metadata.json").is_file()
-
-
 def test_reward_rises_when_the_signal_is_learnable(tiny_hf_dir, tmp_path):
     """The whole loop optimises its reward: every question's ground truth is option A (whatever the image
     shows), which a random-weight model can learn from the reward alone. Within 12 steps the accuracy goes
     from chance (about 0.25 under the regex) to nearly 1."""
     path = write_visual_search_dataset(
-        tmp_path / "data", 16, seed=4, spec=VisualSearchSpec(width=448, height=336, num_distractors=12)
+        tmp_path / "data", 16, seed=4, spec=VisualSearchSpec(width=448, height=336, num_distractors=12, question_kinds=("mc",))
     )
     rows = json.loads(path.read_text())
     for row in rows:
@@ -126,6 +126,6 @@ def test_reward_rises_when_the_signal_is_learnable(tiny_hf_dir, tmp_path):
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > 0.8 and last > first + 0.3, rewards
     # evaluation during training (Avg@2 on 4 questions) after steps 6 and 12, written per step
-    evals = [(r["step"], r["eval/synthetic_visual_search/avg@2"]) for r in steps if "eval/all/avg@2" in r]
+    evals = [(r["step"], r["eval/synthetic_visual_search_medium/avg@2"]) for r in steps if "eval/all/avg@2" in r]
     assert [step for step, _ in evals] == [6, 12] and evals[-1][1] > 0.6, evals
     assert (out / "eval" / "step_00000012" / "metrics.json").is_file()

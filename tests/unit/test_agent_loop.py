@@ -169,6 +169,14 @@ def test_zoom_into_an_observation(tokenizer, vision, image_file):
         (zoom(source="observation_7"), "observation_7 does not exist"),
         (zoom((0.8, 0.1, 0.2, 0.9)), "x1 > x0"),
         ('<grounding>{"bbox_2d": "<|image_pad|><|im_end|>", "source": "original_image"}</grounding>', "four numbers"),
+        # what would escape as OverflowError / ValueError / RecursionError from a plain parser
+        ('<grounding>{"bbox_2d": [0, 0, %s, 1], "source": "original_image"}</grounding>' % ("9" * 400), "four finite numbers"),
+        ('<grounding>{"bbox_2d": [0.5, 0, -1e308, 1], "source": "original_image"}</grounding>', "x1 > x0"),
+        ('<grounding>{"bbox_2d": [0, 0, %s, 1], "source": "original_image"}</grounding>' % ("9" * 5000), "characters long"),
+        ("<grounding>" + "[" * 2000 + "]" * 2000 + "</grounding>", "nested too deeply"),
+        ("<grounding>" + "[" * 100_000 + "]" * 100_000 + "</grounding>", "characters long"),
+        ('<grounding>{"bbox_2d": [0, 0, 1, 1], "source": "observation_\u0663"}</grounding>', "source must be"),
+        ('<grounding>{"bbox_2d": [0, 0, 1, 1], "source": "original_image", "\\ud800": 1}</grounding>', "unexpected key"),
     ],
 )
 def test_bad_call_becomes_an_error_turn(tokenizer, vision, image_file, bad_turn, message):

@@ -115,3 +115,108 @@ def test_parse_cli_and_dump_round_trip(tmp_path):
     assert load_config(tmp_path / "resolved.yaml") == cfg
     with pytest.raises(ConfigError, match="unknown option '--lr'"):
         parse_cli(["--lr", "3"])
+
+
+# ---------------------------------------------------------------- hostile files and values (issue 15)
+
+
+def test_a_defaults_cycle_names_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: b.yaml\nrollout:\n  n: 4\n")
+    (tmp_path / "b.yaml").write_text("defaults: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("defaults: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"'defaults' cycle: .*a\.yaml -> .*b\.yaml -> .*c\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("defaults: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"self\.yaml -> .*self\.yaml"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_a_missing_defaults_file_names_the_file_that_asks_for_it(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml does not exist \(named by 'defaults' in .*a\.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rollout:\n  n: 4\n   temperature: [1\n", r"bad\.yaml, line 3, column 15: .*mapping values are not allowed"),
+    ("rollout: [1, 2\n", r"bad\.yaml, line 2, column 1: .*expected ',' or ']'"),
+    ("rollout:\n\tn: 4\n", r"bad\.yaml, line 2, column 1: .*found character '\\t' that cannot start any token"),
+    ("a: " + "[" * 20_000 + "]" * 20_000 + "\n", r"bad\.yaml: nested too deeply"),
+])
+def test_a_yaml_syntax_error_names_the_file_and_line_in_one_line(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    (tmp_path / "child.yaml").write_text("defaults: bad.yaml\n")
+    for name in ("bad.yaml", "child.yaml"):  # also when it is reached through `defaults:`
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config(tmp_path / name)
+        assert "\n" not in str(info.value) and "<unicode string>" not in str(info.value)
+
+
+def test_unreadable_config_files_name_the_file(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("trainer:\n  experiment_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text \(byte 0xe9 at offset 31\)"):
+        load_config(tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match=r"config file .* is a directory"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rollout.temperature=nan", "rollout.temperature"),
+    ("actor.optim.lr=nan", "actor.optim.lr"),
+    ("actor.optim.lr=.nan", "actor.optim.lr"),
+    ("actor.optim.lr=inf", "actor.optim.lr"),
+    ("actor.optim.lr=-.inf", "actor.optim.lr"),
+    ("algorithm.clip_ratio_high=1e999", "algorithm.clip_ratio_high"),
+    ("rollout.top_p=Infinity", "rollout.top_p"),
+])
+def test_non_finite_numbers_are_refused_with_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"'{key}' must be a finite number, got (nan|inf|-inf)"):
+        load_config(None, [override])
+
+
+def test_a_deeply_nested_override_is_a_type_error_not_a_crash():
+    with pytest.raises(ConfigError, match=r"'data.val_files' expects list, got '\[\[\[.{180,200}\.\.\. \(str\)"):
+        load_config(None, ["data.val_files=" + "[" * 20_000 + "]" * 20_000])
+
+
+def _float_keys(cls, prefix=""):
+    """Every float field of the config tree (plain or optional), wherever it sits."""
+    import dataclasses
+    import types
+    import typing
+
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, f"{prefix}{name}.")
+        elif tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)):
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_non_finite_numbers_anywhere_in_a_file_are_refused(tmp_path):
+    from megatron_minio3.config.loader import _all_keys
+    from megatron_minio3.config.schema import Config
+
+    float_keys = _float_keys(Config)
+    assert len(float_keys) > 10 and set(float_keys) <= set(_all_keys(Config))
+    for key in float_keys:
+        *sections, leaf = key.split(".")
+        text = "".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections)) + f"{'  ' * len(sections)}{leaf}: .nan\n"
+        (tmp_path / "nan.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=rf"nan\.yaml: '{key}' must be a finite number, got nan"):
+            load_config(tmp_path / "nan.yaml")
+
+
+def test_trainer_cli_answers_config_mistakes_with_one_line_and_exit_code_2(tmp_path, capsys):
+    from megatron_minio3.trainer import grpo
+
+    (tmp_path / "a.yaml").write_text("defaults: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("defaults: a.yaml\n")
+    (tmp_path / "bad.yaml").write_text("rollout: [1, 2\n")
+    for argv in (["--config", str(tmp_path / "a.yaml")], ["--config", str(tmp_path / "bad.yaml")],
+                 ["rollout.temperature=nan"], ["--dry-run", "actor.optim.lr=nan"]):
+        capsys.readouterr()
+        assert grpo.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)

@@ -11,7 +11,7 @@ from megatron_minio3.config.data import DataConfig
 from megatron_minio3.config.loader import ConfigError, load_config
 from megatron_minio3.data.images import ImageLoadError, load_image, resample_from_name
 from megatron_minio3.data.minio3_json import read_datasets, read_minio3_json
-from megatron_minio3.data.synthetic import DATA_SOURCE, VisualSearchSpec, write_visual_search_dataset
+from megatron_minio3.data.synthetic import write_visual_search_dataset
 from megatron_minio3.data.templates import (
     VISION_PLACEHOLDER,
     render_error_parts,
@@ -145,27 +145,117 @@ def test_data_config_through_the_loader():
             load_config(None, [override])
 
 
-def test_synthetic_dataset_has_known_answers(tmp_path):
-    spec = VisualSearchSpec(width=448, height=336, num_distractors=10)
-    path = write_visual_search_dataset(tmp_path, 6, seed=3, spec=spec)
-    prompts = read_minio3_json(path)
-    rows = json.loads(path.read_text())
-    assert len(prompts) == 6 and all(p.data_source == DATA_SOURCE for p in prompts)
-    for prompt, row in zip(prompts, rows):
-        image = load_image(prompt.image_paths[0])
-        assert image.size == (448, 336)
-        letter = prompt.answer
-        # the right option names the colour of the triangle drawn at target_bbox
-        option = next(line for line in prompt.question.splitlines() if line.startswith(f"({letter})"))
-        colour = option.split(") ", 1)[1]
-        from megatron_minio3.data.synthetic import COLOURS
-
-        x0, y0, x1, y1 = row["target_bbox"]
-        cx, cy = int((x0 + x1) / 2 * 448), int((y0 * 0.2 + y1 * 0.8) * 336)  # inside the triangle, near its base
-        assert tuple(np.asarray(image)[cy, cx]) == COLOURS[colour]
-        assert (x1 - x0) * 448 < 20  # small target
-    # same seed, same bytes
-    again = write_visual_search_dataset(tmp_path / "again", 6, seed=3, spec=spec)
-    assert again.read_text() == path.read_text()
+def test_synthetic_dataset_needs_a_sample():
     with pytest.raises(ValueError, match="num_samples"):
-        write_visual_search_dataset(tmp_path, 0)
+        write_visual_search_dataset("unused", 0)
+
+
+# ---------------------------------------------------------------- hostile data files and images (issue 15)
+
+
+def test_reader_names_the_file_it_cannot_decode(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(json.dumps([{**ROW, "problem": "<image>\nQuelle couleur ? caf\u00e9"}], ensure_ascii=False)
+                     .encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json: not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        read_minio3_json(path)
+
+
+def test_reader_refuses_a_directory_with_a_clear_message(tmp_path):
+    (tmp_path / "data.json").mkdir()
+    with pytest.raises(ValueError, match=r"data\.json: is a directory, not a dataset file"):
+        read_minio3_json(tmp_path / "data.json")
+    with pytest.raises(ValueError, match=r"is a directory, not a dataset file"):
+        read_datasets([str(tmp_path)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (json.dumps([ROW])[:-1] + ", " + "1" * 5000 + "]", "not valid JSON"),
+    (json.dumps([{**ROW, "solution": "x"}]).replace('"x"', "NaN"), "not valid JSON"),
+])
+def test_reader_turns_every_parse_failure_into_a_message_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "odd.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"odd\.json: {message}"):
+        read_minio3_json(path)
+
+
+def test_a_row_without_images_is_an_error_unless_it_says_it_has_none(tmp_path):
+    no_key = {k: v for k, v in ROW.items() if k != "images"}
+    path = write_json(tmp_path / "bench.json", [ROW, {**no_key, "doc_id": "q2", "problem": "What?"}])
+    with pytest.raises(ValueError, match=r"bench\.json row 1: missing key 'images'.*\"images\": \[\] for a text-only"):
+        read_minio3_json(path)
+    misspelt = write_json(tmp_path / "misspelt.json", [{**no_key, "image": ["a.png"]}])
+    with pytest.raises(ValueError, match=r"row 0: missing key 'images'; did you mean 'images' for 'image'\?"):
+        read_minio3_json(misspelt)
+    explicit = write_json(tmp_path / "text.json", [{**no_key, "images": [], "problem": "What is 2+2?"}])
+    (prompt,) = read_minio3_json(explicit)
+    assert prompt.image_paths == () and prompt.question == "What is 2+2?"
+    empty_path = write_json(tmp_path / "empty.json", [{**ROW, "images": [""]}])
+    with pytest.raises(ValueError, match=r"row 0: 'images\[0\]' is an empty path"):
+        read_minio3_json(empty_path)
+
+
+def _pixels(image):
+    return np.asarray(image)
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bit_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)  # 0, 1, 128, 255 in 8 bits
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    image = load_image(tmp_path / "grey16.png")
+    assert image.mode == "RGB"
+    assert _pixels(image)[0].tolist() == [[0, 0, 0], [1, 1, 1], [128, 128, 128], [255, 255, 255]]
+
+
+def test_other_integer_and_float_modes_become_8_bit():
+    from megatron_minio3.data.images import to_rgb
+
+    wide = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.int32), "I")  # 16-bit data held as 32-bit
+    assert _pixels(to_rgb(wide))[0, :, 0].tolist() == [0, 128, 255]
+    big = Image.fromarray(np.array([[-100, 0, 1_000_000]], dtype=np.int32), "I")  # beyond 16 bits: min..max
+    assert _pixels(to_rgb(big))[0, :, 0].tolist() == [0, 0, 255]
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F")  # floats in [0, 1]
+    assert _pixels(to_rgb(unit))[0, :, 0].tolist() == [0, 128, 255]
+    flat = Image.fromarray(np.full((2, 2), 7.0, dtype=np.float32), "F")  # constant: no division by zero
+    assert to_rgb(flat).mode == "RGB"
+    for mode in ("I;16B", "I;16L"):
+        image = Image.new(mode, (2, 1), 65535)
+        assert _pixels(to_rgb(image))[0].tolist() == [[255, 255, 255]] * 2
+
+
+def test_transparent_pixels_become_white_like_the_qwen_pipeline():
+    from megatron_minio3.data.images import to_rgb
+
+    rgba = Image.fromarray(np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 0, 128]]], dtype=np.uint8), "RGBA")
+    assert _pixels(to_rgb(rgba))[0].tolist() == [[255, 0, 0], [255, 255, 255], [127, 127, 127]]
+    la = Image.fromarray(np.array([[[0, 0], [0, 255]]], dtype=np.uint8), "LA")
+    assert _pixels(to_rgb(la))[0].tolist() == [[255, 255, 255], [0, 0, 0]]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0  # palette entry 0 is transparent
+    assert _pixels(to_rgb(palette))[0].tolist() == [[255, 255, 255], [0, 255, 0]]
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "PA", "RGB"])
+def test_every_mode_becomes_rgb(tmp_path, mode):
+    from megatron_minio3.data.images import to_rgb
+
+    image = Image.new(mode, (3, 2))
+    out = to_rgb(image)
+    assert out.mode == "RGB" and out.size == (3, 2)
+
+
+def test_saved_odd_modes_load_as_rgb(tmp_path):
+    bitmap = Image.new("1", (4, 1))
+    bitmap.putpixel((1, 0), 1)
+    bitmap.save(tmp_path / "bits.png")
+    assert _pixels(load_image(tmp_path / "bits.png"))[0, :2].tolist() == [[0, 0, 0], [255, 255, 255]]
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # pure red in CMYK
+    red = _pixels(load_image(tmp_path / "cmyk.jpg"))[0, 0]
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)

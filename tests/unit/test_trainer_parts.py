@@ -12,7 +12,8 @@ from megatron_minio3.data.minio3_json import Prompt
 from megatron_minio3.rewards.types import RewardResult
 from megatron_minio3.rollout.trajectory import Trajectory, TurnRecord
 from megatron_minio3.trainer.batch import group_by_prompt, groups_to_keep
-from megatron_minio3.trainer.checkpoint import STATE_FILE, CheckpointManager
+from megatron_minio3.config.schema import resume_target
+from megatron_minio3.trainer.checkpoint import STATE_FILE, CheckpointError, CheckpointManager
 from megatron_minio3.trainer.logging import MetricsLogger, PhaseTimer, read_metrics, summary_lines
 from megatron_minio3.trainer.sampler import PromptSampler
 
@@ -28,7 +29,10 @@ def test_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
     assert manager.latest() is None
     path = manager.save(1, {"step": 1}, Config(), write_shards)
     assert path == tmp_path / "checkpoints" / "step_00000001" and manager.latest() == path
-    assert manager.read_state(path) == {"step": 1, "actor_fingerprint": [{"param_sum": 1.5}]}
+    state = manager.read_state(path)
+    assert {k: v for k, v in state.items() if k != "files"} == {"step": 1, "actor_fingerprint": [{"param_sum": 1.5}]}
+    assert set(state["files"]) == {"config.yaml", "shard_0.distcp"}  # every file but the state itself
+    assert state["files"]["shard_0.distcp"]["bytes"] == 128
     assert (path / "config.yaml").is_file() and (path / "shard_0.distcp").is_file()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
 
@@ -67,6 +71,64 @@ def test_finished_checkpoints_are_never_overwritten_and_pruning_keeps_the_newest
     with pytest.raises(ValueError, match="refusing to overwrite a finished checkpoint"):
         manager.save(3, {"step": 3}, Config(), write_shards)
     assert manager.read_state(manager.latest())["step"] == 3
+
+
+def damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "same size":
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("how, reason", [("truncated", "64 bytes, 128 were written"),
+                                         ("same size", "SHA-256 differs"), ("missing", "missing")])
+def test_a_damaged_checkpoint_names_its_file_and_the_previous_complete_one(tmp_path, how, reason):
+    manager = CheckpointManager(tmp_path)
+    for step in (1, 2, 3):
+        manager.save(step, {"step": step}, Config(), write_shards)
+    damage(tmp_path / "step_00000003" / "shard_0.distcp", how)
+    damage(tmp_path / "step_00000002" / "shard_0.distcp", "truncated")  # the one before it is bad too
+    assert manager.select("step_00000001") == tmp_path / "step_00000001"  # a good one still loads
+    with pytest.raises(CheckpointError) as error:
+        manager.select(True)
+    message = str(error.value)
+    assert "\n" not in message and reason in message
+    assert f"{tmp_path / 'step_00000003' / 'shard_0.distcp'}: " in message
+    assert f"the previous complete checkpoint is {tmp_path / 'step_00000001'}: resume from it with " \
+           "trainer.resume=1" in message
+
+
+def test_a_checkpoint_with_an_unreadable_state_or_none_before_it(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, {"step": 1}, Config(), write_shards)
+    (path / STATE_FILE).write_text('{"step": 1, "files": {')
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: cannot be read .*no earlier complete checkpoint"):
+        manager.select(True)
+
+
+def test_resume_names_a_step_and_a_later_checkpoint_is_set_aside(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    assert manager.select(True) is None and manager.select(False) is None
+    for step in (1, 2, 3):
+        manager.save(step, {"step": step}, Config(), write_shards)
+    assert manager.select(True) == manager.select("latest") == tmp_path / "step_00000003"
+    assert manager.select(2) == manager.select("step_00000002") == tmp_path / "step_00000002"
+    with pytest.raises(ValueError, match=r"trainer.resume=5: .* holds no complete checkpoint of step 5 \(steps with "
+                                         r"one: 1, 2, 3\)"):
+        manager.select(5)
+    with pytest.raises(ValueError, match="trainer.resume is false but .* holds checkpoints"):
+        manager.select(False)
+    for bad in (0, -1, "step_2", "yes"):
+        with pytest.raises(ValueError, match="trainer.resume must be true"):
+            resume_target(bad)
+    moved = manager.set_aside_after(1)
+    assert [step for step, _ in manager.complete()] == [1]
+    assert sorted(p.name.split(".")[0] for p in moved) == ["step_00000002", "step_00000003"]
+    assert all(p.is_dir() and ".superseded-" in p.name for p in moved)  # kept, under a name that is no checkpoint
+    assert manager.save(2, {"step": 2}, Config(), write_shards) == tmp_path / "step_00000002"
 
 
 def prompts(count: int) -> list[Prompt]:

@@ -253,7 +253,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = make_tiny_checkpoint(work / "ckpt", size="tiny", seed=0)
     num_prompts = max(sizes) // args.n
-    spec = VisualSearchSpec(width=args.width, height=args.height)
+    spec = VisualSearchSpec(width=args.width, height=args.height, question_kinds=("mc",))  # the regex answers letters
     data = write_visual_search_dataset(work / "data", num_prompts, seed=0, spec=spec)
     min_pixels = load_config(REPO_ROOT / "configs/tiny_cpu.yaml", []).data.min_pixels
     per_image = image_estimate(model, args.width, args.height, min_pixels, args.max_pixels)

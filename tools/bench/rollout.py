@@ -68,7 +68,7 @@ def main() -> None:
         from megatron_minio3.models.qwen2_5_vl.tiny_checkpoint import make_tiny_checkpoint
 
         model = str(make_tiny_checkpoint(work / "ckpt", size=args.size))
-    spec = VisualSearchSpec(width=672, height=504, num_distractors=20)
+    spec = VisualSearchSpec(width=672, height=504, num_distractors=20, question_kinds=("mc",))
     prompts = read_minio3_json(write_visual_search_dataset(work / "data", args.num_prompts, seed=0, spec=spec))
     cfg = RolloutConfig(
         max_turns=args.max_turns,
