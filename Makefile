@@ -20,7 +20,7 @@ $(STAMP): requirements/$(PROFILE).txt requirements/$(PROFILE)-overrides.txt setu
 	@touch $@
 
 demo: setup
-	PATH=$(VENV)/bin:$$PATH bash examples/run_grpo.sh
+	PATH=$(VENV)/bin:$$PATH bash examples/run_demo.sh
 
 test: setup
 	PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

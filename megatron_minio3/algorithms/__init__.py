@@ -2,6 +2,7 @@
 from megatron_minio3.algorithms.advantages import GroupRewardStats, compute_grpo_advantages, group_reward_stats
 from megatron_minio3.algorithms.filters import dynamic_sampling_keep_mask, mask_exceeded
 from megatron_minio3.algorithms.kl import kl_penalty
+from megatron_minio3.algorithms.sft_loss import SftLossOutput, sft_loss
 from megatron_minio3.algorithms.policy_loss import (
     LossCounts,
     PolicyLossMetrics,
@@ -15,6 +16,7 @@ __all__ = [
     "LossCounts",
     "PolicyLossMetrics",
     "PolicyLossOutput",
+    "SftLossOutput",
     "compute_grpo_advantages",
     "count_loss_tokens_and_seqs",
     "dynamic_sampling_keep_mask",
@@ -22,4 +24,5 @@ __all__ = [
     "kl_penalty",
     "mask_exceeded",
     "policy_loss",
+    "sft_loss",
 ]

@@ -31,9 +31,9 @@ def validate_templates(cfg: DataConfig) -> None:
         raise ValueError(f"data.error_template: an error turn carries no image, remove {IMAGE_MARKER}")
 
 
-def render_user_text(cfg: DataConfig, question: str, num_images: int) -> str:
-    """The first user message: the template around the question; the question's `<image>` markers become
-    vision placeholders (a question without markers gets one per image in front)."""
+def user_message(cfg: DataConfig, question: str, num_images: int) -> str:
+    """The first user message with `<image>` markers: the template around the question (a question without
+    markers gets one per image in front)."""
     num_markers = question.count(IMAGE_MARKER)
     if num_markers == 0 and num_images > 0:
         question = IMAGE_MARKER * num_images + "\n" + question
@@ -42,13 +42,23 @@ def render_user_text(cfg: DataConfig, question: str, num_images: int) -> str:
     text = _format(cfg.user_template, "user_template", question=question)
     if text.count(IMAGE_MARKER) != num_images:
         raise ValueError(f"data.user_template: must not add {IMAGE_MARKER} markers of its own")
-    return text.replace(IMAGE_MARKER, VISION_PLACEHOLDER)
+    return text
+
+
+def render_user_text(cfg: DataConfig, question: str, num_images: int) -> str:
+    """user_message with its markers turned into vision placeholders (what the tokenizer sees)."""
+    return user_message(cfg, question, num_images).replace(IMAGE_MARKER, VISION_PLACEHOLDER)
+
+
+def observation_message(cfg: DataConfig, action: int, observation: int) -> str:
+    """A tool-result user turn with its `<image>` marker (without the turn prefix/suffix): `observation` is
+    the new image's index."""
+    return _format(cfg.observation_template, "observation_template", action=action, observation=observation)
 
 
 def render_observation_text(cfg: DataConfig, action: int, observation: int) -> str:
-    """A tool-result user turn (without the turn prefix/suffix): `observation` is the new image's index."""
-    text = _format(cfg.observation_template, "observation_template", action=action, observation=observation)
-    return text.replace(IMAGE_MARKER, VISION_PLACEHOLDER)
+    """observation_message with its marker turned into a vision placeholder."""
+    return observation_message(cfg, action, observation).replace(IMAGE_MARKER, VISION_PLACEHOLDER)
 
 
 def render_error_parts(cfg: DataConfig) -> list[str]:

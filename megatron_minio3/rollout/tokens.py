@@ -131,19 +131,26 @@ class TurnTokenizer:
 
     def prompt_ids(self, question: str, num_images: int) -> list[int]:
         """The first prompt (chat template, generation prompt included) with one pad token per image."""
-        messages = []
-        if self.data_cfg.system_prompt:
-            messages.append({"role": "system", "content": self.data_cfg.system_prompt})
-        messages.append({"role": "user", "content": render_user_text(self.data_cfg, question, num_images)})
-        with self._lock:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.encode(text)
+        ids = self.chat_prompt_ids(self.data_cfg.system_prompt or None,
+                                   render_user_text(self.data_cfg, question, num_images))
         assert ids.count(self.image_pad_id) == num_images, "chat template changed the number of image markers"
         return ids
 
+    def chat_prompt_ids(self, system: str | None, user_text: str) -> list[int]:
+        """The checkpoint's chat template over an optional system message and one user message (vision
+        placeholders already in place), with the generation prompt."""
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": user_text})
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.encode(text)
+
     def observation_ids(self, action: int, observation: int) -> list[int]:
         """A tool-result turn with one pad token for the new image, between the turn prefix and suffix."""
-        text = render_observation_text(self.data_cfg, action=action, observation=observation)
+        return self.user_turn_ids(render_observation_text(self.data_cfg, action=action, observation=observation))
+
+    def user_turn_ids(self, text: str) -> list[int]:
+        """A later user turn (vision placeholders in place) between the turn prefix and suffix."""
         return self._turn_prefix + self.encode(text) + self._turn_suffix
 
     def error_ids(self, error: str) -> list[int]:

@@ -51,9 +51,12 @@ def _json_value(value: float) -> float | None:
 class MetricsLogger:
     """Writes each step's metrics to the configured sinks (trainer.loggers)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, resume_step: int, print_fn=print):
+    def __init__(self, cfg: Config, run_dir: Path, *, resume_step: int, print_fn=print, total_steps: int | None = None,
+                 formatter=None):
+        """total_steps / formatter: the console line's step count and format (GRPO's by default)."""
         self.sinks = set(cfg.trainer.loggers)
-        self.total_steps = cfg.trainer.total_steps
+        self.total_steps = cfg.trainer.total_steps if total_steps is None else total_steps
+        self.format = formatter or format_step
         self.print = print_fn
         self.jsonl_path = run_dir / "metrics.jsonl"
         if self.jsonl_path.exists():  # drop records of steps after the checkpoint the run continues from
@@ -76,7 +79,7 @@ class MetricsLogger:
             with self.jsonl_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         if "console" in self.sinks:
-            self.print(format_step(step, self.total_steps, metrics))
+            self.print(self.format(step, self.total_steps, metrics))
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 

@@ -40,6 +40,7 @@ from megatron_minio3.workers.actor.step import (
     ForwardOptions,
     TokenScores,
     forward_backward_policy_loss,
+    forward_backward_sft_loss,
     forward_logprobs,
 )
 
@@ -220,10 +221,19 @@ class MegatronActor:
 
     def update(self, micro_batches: list[PackedMicroBatch], loss_counts: LossCounts) -> UpdateResult:
         """One optimizer step on a mini-batch: this rank's micro-batches, the mini-batch's global counts."""
+        return self._step(lambda: forward_backward_policy_loss(
+            self.model, micro_batches, loss_counts, self.algorithm, self.options))
+
+    def sft_update(self, micro_batches: list[PackedMicroBatch], global_num_tokens: int) -> UpdateResult:
+        """One optimizer step of supervised fine-tuning on a batch: this rank's micro-batches, the batch's loss
+        tokens over every rank (the loss is their mean NLL)."""
+        return self._step(lambda: forward_backward_sft_loss(self.model, micro_batches, global_num_tokens, self.options))
+
+    def _step(self, forward_backward) -> UpdateResult:
         self._require_on_device("params", "grads", "optimizer")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        metrics = forward_backward_policy_loss(self.model, micro_batches, loss_counts, self.algorithm, self.options)
+        metrics = forward_backward()
         if self.clip_in_optimizer:
             _, grad_norm, _ = self.optimizer.step()
         else:

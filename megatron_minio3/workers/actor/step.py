@@ -21,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from megatron_minio3.algorithms.policy_loss import LossCounts, policy_loss
+from megatron_minio3.algorithms.sft_loss import sft_loss
 from megatron_minio3.config.algorithm import AlgorithmConfig
 from megatron_minio3.packing.thd import PackedMicroBatch
 from megatron_minio3.parallel.vocab_parallel import vocab_parallel_logprobs_and_entropy
@@ -172,3 +173,34 @@ def forward_backward_policy_loss(
     summed = torch.stack([torch.stack([m[name].float() for name in names]) for m in reduced]).sum(0)
     torch.distributed.all_reduce(summed, group=mpu.get_data_parallel_group())
     return dict(zip(names, summed.tolist()))
+
+
+def forward_backward_sft_loss(
+    model: torch.nn.Module, micro_batches: list[PackedMicroBatch], global_num_tokens: int, options: ForwardOptions
+) -> dict[str, float]:
+    """Accumulate the gradients of the SFT loss (token-mean NLL of the assistant tokens over the whole batch,
+    algorithms/sft_loss.py) of this rank's micro-batches; `global_num_tokens` counts the batch's loss tokens over
+    every rank. Returns {"loss", "num_tokens"} summed over micro-batches and data-parallel ranks on last-stage
+    ranks, {} elsewhere. The loss scaling is forward_backward_policy_loss's (module docstring)."""
+    model.train()
+    dp_size = mpu.get_data_parallel_world_size()
+    num_micro_batches = len(micro_batches)
+
+    def make_loss_func(mb: PackedMicroBatch):
+        def loss_func(logits_1TV: Tensor):
+            device = logits_1TV.device
+            logprobs_T, _ = vocab_parallel_logprobs_and_entropy(
+                logits_1TV[0], mb.labels_T.to(device), options.temperature, vocab_size=options.vocab_size
+            )
+            out = sft_loss(logprobs_T, mb.loss_mask_T.to(device), global_num_tokens)
+            metrics = {"loss": out.loss.detach().clone(), "num_tokens": out.num_tokens}
+            return out.loss * (num_micro_batches * dp_size), metrics
+
+        return loss_func
+
+    reduced = _run_schedule(model, micro_batches, options, make_loss_func, forward_only=False)
+    if not mpu.is_pipeline_last_stage():
+        return {}
+    summed = torch.stack([torch.stack([m["loss"].float(), m["num_tokens"].float()]) for m in reduced]).sum(0)
+    torch.distributed.all_reduce(summed, group=mpu.get_data_parallel_group())
+    return {"loss": float(summed[0]), "num_tokens": float(summed[1])}
