@@ -33,7 +33,8 @@ for split in "sft 480 1" "rl 256 2" "eval 96 3"; do
 done
 if [ ! -f "$OUT/data/sft/oracle.json" ]; then
   stage "oracle trajectories for SFT"
-  "$PYTHON" -m megatron_minio3.data.oracle --tasks "$OUT/data/sft/visual_search.json" --out "$OUT/data/sft" --config "$CONFIG"
+  "$PYTHON" -m megatron_minio3.data.oracle --tasks "$OUT/data/sft/visual_search.json" --out "$OUT/data/sft" --config "$CONFIG" \
+    --perception-share 0.5
 fi
 evaluate() {  # evaluate NAME MODEL
   if [ ! -f "$OUT/eval/$1/metrics.json" ]; then

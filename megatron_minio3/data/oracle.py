@@ -32,6 +32,7 @@ from megatron_minio3.data.images import load_image
 from megatron_minio3.data.templates import observation_message, user_message
 
 KINDS = ("direct", "recovery", "refine")
+PERCEPTION_QUESTION = "<image>\nWhat colour is the framed square? Answer with the colour's name."
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class OracleSpec:
     grid: float = 0.1  # box corners lie on this grid of the source (one decimal: few, easy tokens)
     zoom_side: float = 0.2  # side of a zoom box, relative to its source
     wide_side: float = 0.4  # side of the first, wide box of a "refine" task
+    # Extra single-turn "perception" conversations, for this share of the tasks: the target's final crop alone,
+    # "what colour is the framed square?", answered with the colour. A stand-in for what a pretrained VLM
+    # brings (reading a zoomed-in view); a random-weight demo model learns the colours much faster with them.
+    perception_share: float = 0.0
 
 
 def _grid_boxes(target: tuple[float, ...], side: float, grid: float) -> list[tuple[float, float, float, float]]:
@@ -177,6 +182,15 @@ def write_oracle_dataset(tasks_json: str | Path, out_dir: str | Path, data_cfg: 
             "system": data_cfg.system_prompt, "conversations": conversation,
             "images": [str(Path(image_path).resolve())] + crop_paths,
         })
+        if spec.perception_share and rng.random() < spec.perception_share:
+            records.append({
+                "id": f"{row['doc_id']}-perception", "kind": "perception", "data_source": row["data_source"],
+                "system": data_cfg.system_prompt, "images": [crop_paths[-1]],
+                "conversations": [
+                    {"from": "human", "value": user_message(data_cfg, PERCEPTION_QUESTION, 1)},
+                    {"from": "gpt", "value": f"<think>It is {row['colour']}.</think><answer>{row['colour']}</answer>"},
+                ],
+            })
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(records, indent=1), encoding="utf-8")
     return path
@@ -191,9 +205,12 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="the run's config: its data.* templates are used")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="oracle")
+    parser.add_argument("--perception-share", type=float, default=0.0,
+                        help="add a single-turn colour question on the final crop for this share of the tasks")
     args = parser.parse_args()
     data_cfg = load_config(args.config).data if args.config else DataConfig()
-    print(write_oracle_dataset(args.tasks, args.out, data_cfg, seed=args.seed, name=args.name))
+    spec = OracleSpec(perception_share=args.perception_share)
+    print(write_oracle_dataset(args.tasks, args.out, data_cfg, seed=args.seed, spec=spec, name=args.name))
 
 
 if __name__ == "__main__":

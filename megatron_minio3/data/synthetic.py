@@ -8,9 +8,9 @@ the question ("What colour is the framed square?"), the answer, the target's rel
 a verifier:
 
     difficulty  target size (share of the short side)  where it can be            distractors
-    easy        4.0 %                                    the middle 15 % of each side  12
-    medium      2.8 %                                    the middle 50 %               28
-    hard        1.8 %                                    anywhere                      48
+    easy        4.5 %                                    the middle 15 % of each side  12
+    medium      3.2 %                                    the middle 50 %               28
+    hard        2.2 %                                    anywhere                      48
 
 The background is colourless clutter and no distractor comes within `clearance` (10 % of the short side) of the
 target, so a zoom onto the target shows its colour and nothing else that could be taken for it.
@@ -50,9 +50,9 @@ OPTION_LETTERS = "ABCD"
 DIFFICULTIES = ("easy", "medium", "hard")
 QUESTION_KINDS = ("mc", "free")
 _PRESETS = {  # difficulty: (target fraction of the short side, position spread, distractors)
-    "easy": (0.04, 0.15, 12),
-    "medium": (0.028, 0.5, 28),
-    "hard": (0.018, 1.0, 48),
+    "easy": (0.045, 0.15, 12),
+    "medium": (0.032, 0.5, 28),
+    "hard": (0.022, 1.0, 48),
 }
 
 

@@ -101,3 +101,22 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer):
     assert not any(mask[:first]) and ids[-1] == turns.im_end_id and mask[-1] == 1
     with pytest.raises(ValueError, match="2 image placeholders for 1 images"):
         render_conversation(turns, conv, [None])
+
+
+def test_perception_conversations_show_the_final_crop_and_name_its_colour(oracle, tmp_path, tokenizer, vision):
+    from megatron_minio3.data.oracle import OracleSpec
+
+    tasks, _ = oracle
+    rows = {r["doc_id"]: r for r in json.loads(tasks.read_text())}
+    path = write_oracle_dataset(tasks, tmp_path / "sft", DATA, seed=3, spec=OracleSpec(perception_share=1.0))
+    records = json.loads(path.read_text())
+    trajectories = {r["id"]: r for r in records if r["kind"] != "perception"}
+    perception = [r for r in records if r["kind"] == "perception"]
+    assert len(perception) == len(trajectories) == len(rows)
+    for record in perception:
+        doc_id = record["id"].removesuffix("-perception")
+        assert record["images"] == trajectories[doc_id]["images"][-1:]  # the crop that answered the task
+        assert record["conversations"][-1]["value"].endswith(f"<answer>{rows[doc_id]['colour']}</answer>")
+    samples, left_out = build_sft_samples(read_sft_files([path]).conversations, TurnTokenizer(tokenizer, DATA), DATA,
+                                          vision, max_length=4096)
+    assert len(samples) == len(records) and not any(left_out.values())
