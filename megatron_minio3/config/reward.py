@@ -67,6 +67,9 @@ class RemoteRewardConfig:
     # Largest /score body: the server answers HTTP 413 above it; the client splits its chunks to stay under it
     # (a single sample larger than this fails with that reason).
     max_request_bytes: int = 32 * 2**20
+    # The server answers HTTP 504 when scoring one request takes longer than this (0 = no limit); below timeout_s,
+    # so the trainer gets the server's reason rather than its own time-out. Its samples come back failed.
+    max_request_s: float = 600.0
 
 
 @dataclass

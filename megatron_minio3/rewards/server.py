@@ -9,11 +9,13 @@ the judge; the judge key stays in the server's environment.
   -> {"results": [RewardResult...]}; failed samples come back with "failed": true and an "error".
   A body larger than `reward.remote.max_request_bytes` is refused with HTTP 413 before it is parsed; a
   rule-based verifier that takes longer than `reward.verifier_timeout_s` on a sample is stopped and that
-  sample comes back failed (the server goes on).
+  sample comes back failed (the server goes on); a request whose scoring takes longer than
+  `reward.remote.max_request_s` is answered with HTTP 504 (its samples fail on the trainer's side, with that reason).
 Bound to 127.0.0.1 by default. When the environment variable named by --token-env is set, /score requires
 `Authorization: Bearer <token>`; binding to a non-loopback address without a token is refused.
 """
 import argparse
+import asyncio
 import dataclasses
 import hmac
 import ipaddress
@@ -132,12 +134,19 @@ def build_app(cfg: RewardConfig, token: str):
     @app.post("/score", dependencies=[Depends(require_token)])
     async def score(request: ScoreRequest):
         inputs = [RewardInput(**item.model_dump()) for item in request.inputs]
+        limit = cfg.remote.max_request_s
         try:
-            results = await manager.score(
-                inputs, validation=request.validation, step=request.step, total_steps=request.total_steps
+            results = await asyncio.wait_for(
+                manager.score(inputs, validation=request.validation, step=request.step,
+                              total_steps=request.total_steps),
+                timeout=limit if limit > 0 else None,
             )
         except ValueError as exc:
             return JSONResponse(status_code=400, content={"detail": str(exc)})
+        except asyncio.TimeoutError:
+            return JSONResponse(status_code=504, content={"detail": (
+                f"scoring {len(inputs)} sample(s) took longer than reward.remote.max_request_s={limit:g} s "
+                "(a slow judge, or a verifier stuck); send fewer samples per request or raise the limit")})
         return {"results": [result.to_dict() for result in results]}
 
     return app

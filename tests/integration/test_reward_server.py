@@ -44,13 +44,13 @@ def run_server_cli(args: list[str], env: dict[str, str]) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def server(fake_judge: FakeJudge, tmp_path_factory: pytest.TempPathFactory):
     """A reward server process: vstar -> mc, visualprobe -> the fake judge, geo -> math, everything else -> exact;
-    bodies up to 1 MB, rule-based verifiers stopped after 1 s."""
+    bodies up to 1 MB, rule-based verifiers stopped after 1 s, a request's scoring after 6 s."""
     config = {
         "reward": {
             "verifiers": {"vstar": "mc", "visualprobe": "judge", "geo": "math"},
             "default_verifier": "exact",
             "verifier_timeout_s": 1.0,
-            "remote": {"max_request_bytes": MAX_REQUEST_BYTES},
+            "remote": {"max_request_bytes": MAX_REQUEST_BYTES, "max_request_s": 6.0},
             "judge": {
                 "base_url": fake_judge.base_url,
                 "api_key_env": JUDGE_KEY_ENV,
@@ -281,3 +281,14 @@ def test_the_client_splits_requests_to_fit_the_limit(server: str, monkeypatch: p
     assert [r.score for r in results[:6]] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert not any(r.failed for r in results[:6])
     assert results[6].failed and "'huge' is" in results[6].error and "max_request_bytes" in results[6].error
+
+
+def test_a_request_past_its_time_limit_gets_504(server: str) -> None:
+    """16 math samples that each run into the 1 s verifier limit, on 2 verifier workers: about 8 s of work. The
+    server answers 504 at 6 s, naming the key, and goes on serving."""
+    started = time.monotonic()
+    response = post(server, payload(inputs=[_sample(f"slow{i}", "2^{2^{2^{2^{100}}}}", "geo", "2") for i in range(16)]))
+    assert response.status_code == 504, response.text
+    assert "scoring 16 sample(s) took longer than reward.remote.max_request_s=6 s" in response.json()["detail"]
+    assert 5.9 < time.monotonic() - started < 15
+    assert post(server, payload()).json()["results"][0]["score"] == 1.0
