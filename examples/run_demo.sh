@@ -3,7 +3,8 @@
 # synthetic visual-search task (a small framed square among distractors: its colour is readable only after a
 # zoom), then
 #   1. evaluation of the untrained model                      outputs/demo/eval/before
-#   2. cold-start SFT on oracle trajectories (think, zoom, maybe a wrong zoom and a recovery, answer)
+#   2. cold-start SFT: a perception warm-up (the final crop alone -> its colour: what a pretrained VLM brings),
+#      then the oracle trajectories (think, zoom, maybe a wrong zoom and a recovery, answer)
 #   3. evaluation after SFT                                   outputs/demo/eval/sft
 #   4. GRPO from the SFT model, free generation (no decoding constraint)
 #   5. evaluation after GRPO                                  outputs/demo/eval/grpo
@@ -14,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 CONFIG=${CONFIG:-configs/demo_cpu.yaml}
+PERCEPTION_CONFIG=${PERCEPTION_CONFIG:-configs/demo_sft_perception_cpu.yaml}
 SFT_CONFIG=${SFT_CONFIG:-configs/demo_sft_cpu.yaml}
 OUT=outputs/demo
 EXTRA=("$@")
@@ -34,7 +36,7 @@ done
 if [ ! -f "$OUT/data/sft/oracle.json" ]; then
   stage "oracle trajectories for SFT"
   "$PYTHON" -m megatron_minio3.data.oracle --tasks "$OUT/data/sft/visual_search.json" --out "$OUT/data/sft" --config "$CONFIG" \
-    --perception-share 0.5
+    --perception-share 1.0
 fi
 evaluate() {  # evaluate NAME MODEL
   if [ ! -f "$OUT/eval/$1/metrics.json" ]; then
@@ -43,9 +45,15 @@ evaluate() {  # evaluate NAME MODEL
   fi
 }
 evaluate before "$OUT/ckpt"
+if [ ! -f "$OUT/sft_perception/hf/config.json" ]; then
+  stage "SFT 1/2: perception warm-up (the final crop alone -> its colour)"
+  "$PYTHON" -m megatron_minio3.trainer.sft --config "$PERCEPTION_CONFIG" model="$OUT/ckpt" \
+    trainer.output_dir="$OUT/sft_perception" "${EXTRA[@]}"
+fi
 if [ ! -f "$OUT/sft/hf/config.json" ]; then
-  stage "SFT"
-  "$PYTHON" -m megatron_minio3.trainer.sft --config "$SFT_CONFIG" model="$OUT/ckpt" trainer.output_dir="$OUT/sft" "${EXTRA[@]}"
+  stage "SFT 2/2: oracle trajectories"
+  "$PYTHON" -m megatron_minio3.trainer.sft --config "$SFT_CONFIG" model="$OUT/sft_perception/hf" \
+    trainer.output_dir="$OUT/sft" "${EXTRA[@]}"
 fi
 evaluate sft "$OUT/sft/hf"
 if [ "${DEMO_STOP_AFTER:-}" = sft ]; then exit 0; fi  # tools/bench/learning.py runs its own GRPO seeds

@@ -41,9 +41,9 @@ class OracleSpec:
     grid: float = 0.1  # box corners lie on this grid of the source (one decimal: few, easy tokens)
     zoom_side: float = 0.2  # side of a zoom box, relative to its source
     wide_side: float = 0.4  # side of the first, wide box of a "refine" task
-    # Extra single-turn "perception" conversations, for this share of the tasks: the target's final crop alone,
-    # "what colour is the framed square?", answered with the colour. A stand-in for what a pretrained VLM
-    # brings (reading a zoomed-in view); a random-weight demo model learns the colours much faster with them.
+    # Extra single-turn "perception" conversations (a file of their own) for this share of the tasks: the final
+    # crop alone, "what colour is the framed square?", answered with the colour. A stand-in for what a pretrained
+    # VLM brings (reading a zoomed-in view): the random-weight demo model learns colours only with them.
     perception_share: float = 0.0
 
 
@@ -152,12 +152,13 @@ def crop_sources(raw: Image.Image, assistant_texts: list[str]) -> list[Image.Ima
 
 def write_oracle_dataset(tasks_json: str | Path, out_dir: str | Path, data_cfg: DataConfig, *, seed: int = 0,
                          spec: OracleSpec = OracleSpec(), name: str = "oracle") -> Path:
-    """One sharegpt conversation per task of `tasks_json` (synthetic rows), crops under out_dir/crops."""
+    """One sharegpt conversation per task of `tasks_json` (synthetic rows) in out_dir/<name>.json, crops under
+    out_dir/crops; with spec.perception_share, the perception conversations in out_dir/<name>_perception.json."""
     tasks_json, out_dir = Path(tasks_json), Path(out_dir)
     rows = json.loads(tasks_json.read_text(encoding="utf-8"))
     (out_dir / "crops").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    records = []
+    records, perception = [], []
     for row in rows:
         image_path = tasks_json.parent / row["images"][0]
         raw = load_image(image_path)
@@ -183,7 +184,7 @@ def write_oracle_dataset(tasks_json: str | Path, out_dir: str | Path, data_cfg: 
             "images": [str(Path(image_path).resolve())] + crop_paths,
         })
         if spec.perception_share and rng.random() < spec.perception_share:
-            records.append({
+            perception.append({
                 "id": f"{row['doc_id']}-perception", "kind": "perception", "data_source": row["data_source"],
                 "system": data_cfg.system_prompt, "images": [crop_paths[-1]],
                 "conversations": [
@@ -193,6 +194,8 @@ def write_oracle_dataset(tasks_json: str | Path, out_dir: str | Path, data_cfg: 
             })
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    if perception:
+        (out_dir / f"{name}_perception.json").write_text(json.dumps(perception, indent=1), encoding="utf-8")
     return path
 
 

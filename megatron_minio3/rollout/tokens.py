@@ -87,6 +87,20 @@ def image_pad_runs(token_ids: Sequence[int], pad_id: int) -> list[tuple[int, int
     return runs
 
 
+_LOCKS_GUARD = threading.Lock()
+
+
+def _tokenizer_lock(tokenizer: Any) -> threading.RLock:
+    """The lock of this tokenizer object, shared by every TurnTokenizer built over it (a per-instance lock would
+    let two of them flip the shared Rust state concurrently)."""
+    with _LOCKS_GUARD:
+        lock = getattr(tokenizer, "_minio3_lock", None)
+        if lock is None:
+            lock = threading.RLock()
+            tokenizer._minio3_lock = lock
+        return lock
+
+
 class TurnTokenizer:
     """Encodes the first prompt and the tool-result turns from the templates in DataConfig.
 
@@ -97,7 +111,7 @@ class TurnTokenizer:
 
     def __init__(self, tokenizer: Any, data_cfg: DataConfig):
         validate_templates(data_cfg)
-        self._lock = threading.RLock()
+        self._lock = _tokenizer_lock(tokenizer)  # one per tokenizer object: TurnTokenizers may share one
         self.tokenizer = tokenizer
         self.data_cfg = data_cfg
         self.image_pad_id = self._special_id(IMAGE_PAD)

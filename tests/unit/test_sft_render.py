@@ -109,14 +109,14 @@ def test_perception_conversations_show_the_final_crop_and_name_its_colour(oracle
     tasks, _ = oracle
     rows = {r["doc_id"]: r for r in json.loads(tasks.read_text())}
     path = write_oracle_dataset(tasks, tmp_path / "sft", DATA, seed=3, spec=OracleSpec(perception_share=1.0))
-    records = json.loads(path.read_text())
-    trajectories = {r["id"]: r for r in records if r["kind"] != "perception"}
-    perception = [r for r in records if r["kind"] == "perception"]
-    assert len(perception) == len(trajectories) == len(rows)
+    trajectories = {r["id"]: r for r in json.loads(path.read_text())}
+    perception = json.loads((path.parent / "oracle_perception.json").read_text())
+    assert {r["kind"] for r in perception} == {"perception"} and len(perception) == len(trajectories) == len(rows)
+    records = list(trajectories.values()) + perception
     for record in perception:
         doc_id = record["id"].removesuffix("-perception")
         assert record["images"] == trajectories[doc_id]["images"][-1:]  # the crop that answered the task
         assert record["conversations"][-1]["value"].endswith(f"<answer>{rows[doc_id]['colour']}</answer>")
-    samples, left_out = build_sft_samples(read_sft_files([path]).conversations, TurnTokenizer(tokenizer, DATA), DATA,
+    samples, left_out = build_sft_samples(read_sft_files([path, path.parent / "oracle_perception.json"]).conversations, TurnTokenizer(tokenizer, DATA), DATA,
                                           vision, max_length=4096)
     assert len(samples) == len(records) and not any(left_out.values())
