@@ -1,6 +1,6 @@
 """Does GRPO learn? The demo pipeline with one SFT start and several GRPO seeds, longer GRPO.
 
-Usage: python tools/bench/learning.py [--seeds 1,2,3] [--steps 20] [--out outputs/learning]
+Usage: python tools/bench/learning.py [--seeds 1,2,3] [--steps 12] [--out outputs/learning]
                                       [--config configs/demo_cpu.yaml] [key=value ...]
 
 1. `examples/run_demo.sh` up to the SFT model (outputs/demo: checkpoint, data, oracle, SFT, its evaluation);
@@ -56,7 +56,7 @@ def evaluate(config: str, model: Path, out: Path, seed: int, extra: list[str]) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=12)  # the demo runs 8
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "learning")
     parser.add_argument("--config", default="configs/demo_cpu.yaml")
     args, extra = parser.parse_known_args()
