@@ -1,11 +1,18 @@
 """Rollout and evaluation configuration (owned by the rollout package).
 
 The root config refers to these sections as `rollout: RolloutConfig` and `eval: EvalConfig`. Only
-dataclasses here; the `validate()` methods (called by the config loader) use megatron_minio3.rollout.settings.
+dataclasses and their value checks (ValueError naming the key at fault), called by the config loader.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+
+
+def _at_least(section: str, name: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ValueError(f"{section}.{name} must be at least {minimum}, got {value}")
 
 
 @dataclass
@@ -53,10 +60,28 @@ class RolloutConfig:
     weight_bucket_mb: int = 512  # update_weights sends tensors to the engine in buckets of about this size
 
     def validate(self) -> None:
-        """Called by the config loader; the checks live with the rollout package (imported only here)."""
-        from megatron_minio3.rollout.settings import validate_rollout_config
-
-        validate_rollout_config(self)
+        for name in ("n", "max_turns", "max_images", "max_tokens_per_turn", "tensor_parallel_size", "num_engines",
+                     "max_num_seqs", "weight_bucket_mb"):
+            _at_least("rollout", name, getattr(self, name), 1)
+        _at_least("rollout", "context_reserve_tokens", self.context_reserve_tokens, 1)
+        _at_least("rollout", "kv_cache_memory_mb", self.kv_cache_memory_mb, 0)
+        if self.context_reserve_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"rollout.context_reserve_tokens ({self.context_reserve_tokens}) must be below rollout.max_total_tokens "
+                f"({self.max_total_tokens})"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"rollout.top_k must be -1 (off) or positive, got {self.top_k}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.stop or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("rollout.stop must list at least one non-empty stop string (the tool call's closing tag)")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"rollout.logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
 
 
 @dataclass
@@ -72,6 +97,10 @@ class EvalConfig:
     save_trajectories: bool = True  # trajectories.jsonl plus every image (raw and model-side crops)
 
     def validate(self) -> None:
-        from megatron_minio3.rollout.settings import validate_eval_config
-
-        validate_eval_config(self)
+        for name in ("k", "max_turns", "max_images", "num_prompts_per_batch"):
+            _at_least("eval", name, getattr(self, name), 1)
+        _at_least("eval", "max_prompts", self.max_prompts, 0)
+        if self.temperature < 0:
+            raise ValueError(f"eval.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"eval.top_p must be in (0, 1], got {self.top_p}")

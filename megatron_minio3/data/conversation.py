@@ -25,7 +25,7 @@ from typing import Literal
 from PIL import Image
 
 from megatron_minio3.data.images import ImageLoadError, load_image
-from megatron_minio3.data.minio3_json import IMAGE_MARKER
+from megatron_minio3.config.data import IMAGE_MARKER
 
 Role = Literal["system", "user", "assistant"]
 

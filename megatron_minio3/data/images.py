@@ -7,12 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-RESAMPLE_BY_NAME = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+from megatron_minio3.config.data import RESAMPLE_NAMES
+
+RESAMPLE_BY_NAME = {name: getattr(Image.Resampling, name.upper()) for name in RESAMPLE_NAMES}
 
 
 class ImageLoadError(Exception):

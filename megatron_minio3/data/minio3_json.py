@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IMAGE_MARKER = "<image>"
+from megatron_minio3.config.data import IMAGE_MARKER
 
 
 @dataclass(frozen=True)

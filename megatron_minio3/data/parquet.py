@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from megatron_minio3.data.conversation import ImageSource
-from megatron_minio3.data.minio3_json import IMAGE_MARKER, Prompt
+from megatron_minio3.config.data import IMAGE_MARKER
+from megatron_minio3.data.minio3_json import Prompt
 from megatron_minio3.data.sharegpt import (
     OnBadRow,
     ReadResult,

@@ -21,7 +21,7 @@ from PIL import Image
 from megatron_minio3.config.data import DataConfig
 from megatron_minio3.data.conversation import Conversation, ImageSource, render_conversation
 from megatron_minio3.data.images import ImageLoadError, resample_from_name
-from megatron_minio3.data.minio3_json import IMAGE_MARKER
+from megatron_minio3.config.data import IMAGE_MARKER
 from megatron_minio3.models.qwen2_5_vl.mrope import sequence_position_ids
 from megatron_minio3.packing import PackingItem
 from megatron_minio3.rollout.crop_tool import (
