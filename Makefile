@@ -6,7 +6,7 @@ PROFILE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu
 STAMP := $(VENV)/.setup-$(PROFILE)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup browser demo test test-slow clean
 
 setup: $(STAMP)
 
@@ -22,10 +22,18 @@ $(STAMP): requirements/$(PROFILE).txt requirements/$(PROFILE)-overrides.txt setu
 demo: setup
 	PATH=$(VENV)/bin:$$PATH bash examples/run_demo.sh
 
-test: setup
+# Debian's chromium for the trajectory viewer's browser test (tests/integration/test_viewer_browser.py); needs root
+# and apt, else that test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }; } || \
+	  echo "note: chromium could not be installed (needs root and apt): the viewer's browser test will be skipped"
+
+test: setup browser
 	PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: setup
+test-slow: setup browser
 	PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 clean:

@@ -146,7 +146,15 @@ class TrainerConfig:
     resume: bool | int | str = True
     keep_last_checkpoints: int = 0  # prune older complete checkpoints beyond this many; 0 keeps all
     seed: int = 1
+    # console, jsonl (<output_dir>/metrics.jsonl), tensorboard (<output_dir>/tensorboard), wandb
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: under <output_dir>/wandb, `wandb sync` later
+    # Every N steps, each rollout handle writes the step's trajectories (every generation round, kept or not, with
+    # score, accuracy, advantage) and their crops to <output_dir>/rollouts/step_N (tools/view_trajectories.py
+    # shows them); 0: never. The seed's trainer.log_training_rollouts_freq.
+    dump_rollouts_every: int = 0
+    # With evaluation (eval_every): this many of its generations (a fixed sample) go to the loggers as text
+    log_val_generations: int = 0
     # Dynamic sampling: generation rounds (train_batch_size prompts each) until train_batch_size groups with a
     # learning signal are collected; after this many rounds the step trains on the groups it has.
     max_generation_rounds: int = 4
@@ -161,16 +169,20 @@ class TrainerConfig:
                 f"trainer.total_steps and trainer.train_batch_size must be >= 1, got "
                 f"{self.total_steps} and {self.train_batch_size}"
             )
-        for name in ("save_every", "keep_last_checkpoints", "eval_every"):
+        for name in ("save_every", "keep_last_checkpoints", "eval_every", "dump_rollouts_every", "log_val_generations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_generation_rounds", "num_rollout_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         resume_target(self.resume)  # ValueError naming the forms it takes
-        unknown = sorted(set(self.loggers) - {"console", "jsonl", "wandb"})
+        unknown = sorted(set(self.loggers) - {"console", "jsonl", "tensorboard", "wandb"})
         if unknown:
-            raise ValueError(f"trainer.loggers: unknown logger(s) {unknown}; choose from console, jsonl, wandb")
+            raise ValueError(f"trainer.loggers: unknown logger(s) {unknown}; choose from console, jsonl, tensorboard, "
+                             "wandb")
+        if self.log_val_generations and not self.eval_every:
+            raise ValueError("trainer.log_val_generations samples the evaluation's generations: set trainer.eval_every "
+                             "too (or log_val_generations=0)")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from megatron_minio3.convert.safetensors_io import SafetensorsReader
 from megatron_minio3.convert.tp import chunk_bounds
 from megatron_minio3.models.qwen2_5_vl.config import load_hf_config
 from megatron_minio3.models.qwen2_5_vl.model import ModelOptions, build_model
+from megatron_minio3.progress import Progress
 
 
 def load_hf_weights_into_model(model: torch.nn.Module, reader: SafetensorsReader, naming: HfNaming) -> None:
@@ -31,8 +32,12 @@ def load_hf_weights_into_model(model: torch.nn.Module, reader: SafetensorsReader
     tp_rank = mpu.get_tensor_model_parallel_rank()
     tp_size = mpu.get_tensor_model_parallel_world_size()
     hf_shapes = reader.shapes()
-    with torch.no_grad():
-        for name, param in global_named_parameters(model):
+    named = list(global_named_parameters(model))
+    progress = Progress(sum(p.numel() * p.element_size() for _, p in named), "loading HF weights", unit="B",
+                        scale=1e6, scale_unit="MB", enabled=torch.distributed.get_rank() == 0
+                        if torch.distributed.is_initialized() else True)
+    with torch.no_grad(), progress:
+        for name, param in named:
             rule = parameter_rule(name, cfg, naming)
             chunks = []
             for hf_name in rule.hf_names:
@@ -44,6 +49,7 @@ def load_hf_weights_into_model(model: torch.nn.Module, reader: SafetensorsReader
             shard = rule.layout.from_parts(chunks)
             assert shard.shape == param.shape, f"{name}: shard {tuple(shard.shape)} vs parameter {tuple(param.shape)}"
             param.copy_(shard)
+            progress.update(param.numel() * param.element_size())
 
 
 def checkpoint_dtype(reader: SafetensorsReader) -> torch.dtype:

@@ -35,6 +35,7 @@ from megatron_minio3.convert.safetensors_io import (
     atomic_directory,
 )
 from megatron_minio3.models.qwen2_5_vl.config import load_hf_config
+from megatron_minio3.progress import Progress
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -174,12 +175,16 @@ def convert_megatron_to_hf(
             specs.append(TensorSpec(hf_name, shape, target_dtype(hf_name, stored_dtype)))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp_dir:
         writer = StreamingSafetensorsWriter(tmp_dir, specs, max_shard_bytes)
-        for bucket in _buckets(rules, stored, bucket_bytes):
-            loaded = read_full_tensors(megatron_dir, bucket, stored)
-            for rule in bucket:
-                for hf_name, tensor in megatron_to_hf(rule.megatron_name, loaded.pop(rule.megatron_name), cfg,
-                                                      NAMINGS[naming_name]):
-                    writer.write(hf_name, tensor.to(target_dtype(hf_name, tensor.dtype)))
+        total = sum(spec.num_bytes for spec in specs)
+        with Progress(total, f"writing HF checkpoint {out_dir}", unit="B", scale=1e6, scale_unit="MB") as progress:
+            for bucket in _buckets(rules, stored, bucket_bytes):
+                loaded = read_full_tensors(megatron_dir, bucket, stored)
+                for rule in bucket:
+                    for hf_name, tensor in megatron_to_hf(rule.megatron_name, loaded.pop(rule.megatron_name), cfg,
+                                                          NAMINGS[naming_name]):
+                        tensor = tensor.to(target_dtype(hf_name, tensor.dtype))
+                        writer.write(hf_name, tensor)
+                        progress.update(tensor.numel() * tensor.element_size())
         writer.close()
         copy_non_weight_files(hf_config_dir, tmp_dir)
     return metadata

@@ -27,6 +27,7 @@ from megatron_minio3.config.data import DataConfig
 from megatron_minio3.config.rollout import EvalConfig, RolloutConfig
 from megatron_minio3.data.images import ImageLoadError, load_image, resample_from_name
 from megatron_minio3.data.minio3_json import Prompt
+from megatron_minio3.progress import Progress
 from megatron_minio3.rollout.crop_tool import (
     ToolCallError,
     has_tool_call,
@@ -155,6 +156,28 @@ def rollout_metrics(
     }
     for reason, number in Counter(skipped_reasons).items():
         metrics[f"rollout/skipped_{reason}"] = float(number)
+    return metrics
+
+
+def rollout_metrics_by_source(summaries: Sequence[TrajectorySummary]) -> dict[str, float]:
+    """rollout/<data_source>/*: the shape of each data source's trajectories (turns, tool calls and errors,
+    exceed/void rates, response length), beside reward/<data_source>/*."""
+    by_source: dict[str, list[TrajectorySummary]] = {}
+    for summary in summaries:
+        by_source.setdefault(summary.data_source, []).append(summary)
+    metrics = {}
+    for source, group in sorted(by_source.items()):
+        count = len(group)
+        for name, value in (
+            ("num_trajectories", count),
+            ("num_turns_mean", sum(t.num_turns for t in group) / count),
+            ("num_tool_calls_mean", sum(t.num_tool_calls for t in group) / count),
+            ("num_tool_errors_mean", sum(t.num_tool_errors for t in group) / count),
+            ("exceed_rate", sum(t.exceed for t in group) / count),
+            ("void_rate", sum(t.void for t in group) / count),
+            ("generated_tokens_mean", sum(t.num_generated_tokens for t in group) / count),
+        ):
+            metrics[f"rollout/{source}/{name}"] = float(value)
     return metrics
 
 
@@ -450,15 +473,24 @@ class AgentLoop:
         return state.to_trajectory()
 
     async def _run_prompt(self, prompt: Prompt, num_samples: int, skipped: list[SkippedPrompt],
-                          prompt_seed: int | None = None) -> list[Trajectory]:
+                          prompt_seed: int | None = None, progress: Progress | None = None) -> list[Trajectory]:
         prepared = await self._prepare_or_skip(prompt, skipped)
         if prepared is None:
+            if progress is not None:
+                progress.update(num_samples)
             return []
         states = [_TrajectoryState(self, prepared, index, prompt_seed) for index in range(num_samples)]
-        return list(await asyncio.gather(*(self._run_chain(state) for state in states)))
+
+        async def chain(state: _TrajectoryState) -> Trajectory:
+            trajectory = await self._run_chain(state)
+            if progress is not None:
+                progress.update(1)
+            return trajectory
+
+        return list(await asyncio.gather(*(chain(state) for state in states)))
 
     async def _run_lock_step(self, prompts: Sequence[Prompt], num_samples: int, skipped: list[SkippedPrompt],
-                             seeds: Sequence[int | None]) -> list[Trajectory]:
+                             seeds: Sequence[int | None], progress: Progress | None = None) -> list[Trajectory]:
         prepared = await asyncio.gather(*(self._prepare_or_skip(prompt, skipped) for prompt in prompts))
         states = [_TrajectoryState(self, p, i, seed) for p, seed in zip(prepared, seeds) if p is not None
                   for i in range(num_samples)]
@@ -471,14 +503,17 @@ class AgentLoop:
             elapsed = time.perf_counter() - started
             for state, result in zip(active, results):
                 state.consume(result, elapsed)
+            if progress is not None:
+                progress.update(sum(state.done for state in active))
             active = [state for state in active if not state.done]
         return [state.to_trajectory() for state in states]
 
     async def run(self, prompts: Sequence[Prompt], num_samples: int, *, turn_synchronous: bool = False,
-                  seeds: Sequence[int] | None = None) -> RolloutBatch:
+                  seeds: Sequence[int] | None = None, progress_label: str | None = None) -> RolloutBatch:
         """Roll out `num_samples` trajectories per prompt; results are grouped by prompt, in prompt order.
         `seeds`: one base seed per prompt (rollout/seeds.py), so that every request samples from a stream of its
-        own (reproducible whatever else the engine runs); without them the engine's own stream is used."""
+        own (reproducible whatever else the engine runs); without them the engine's own stream is used.
+        `progress_label`: show the finished trajectories under this name (megatron_minio3.progress)."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         if seeds is not None and len(seeds) != len(prompts):
@@ -486,10 +521,14 @@ class AgentLoop:
         per_prompt = list(seeds) if seeds is not None else [None] * len(prompts)
         started = time.perf_counter()
         skipped: list[SkippedPrompt] = []
+        progress = (Progress(len(prompts) * num_samples, progress_label, unit="trajectory")
+                    if progress_label else None)
         if turn_synchronous:
-            trajectories = await self._run_lock_step(prompts, num_samples, skipped, per_prompt)
+            trajectories = await self._run_lock_step(prompts, num_samples, skipped, per_prompt, progress)
         else:
-            groups = await asyncio.gather(*(self._run_prompt(p, num_samples, skipped, seed)
+            groups = await asyncio.gather(*(self._run_prompt(p, num_samples, skipped, seed, progress)
                                             for p, seed in zip(prompts, per_prompt)))
             trajectories = [traj for group in groups for traj in group]
+        if progress is not None:
+            progress.close()
         return RolloutBatch(trajectories=trajectories, skipped=skipped, wall_s=time.perf_counter() - started)

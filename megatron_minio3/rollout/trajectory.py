@@ -187,12 +187,15 @@ def write_trajectories(
     file_name: str = "trajectories.jsonl",
     extras: Sequence[dict[str, Any]] | None = None,
     append: bool = False,
+    image_tag: str = "",
 ) -> Path:
     """Write one JSON line per trajectory and its images under out_dir/images.
 
     A prompt's model-side images are written once per uid and shared by its samples (the raw prompt image
     is referenced by path); each crop is written raw and model-side. `extras[i]` is merged into line i.
-    append=True adds to an existing file (a prompt's samples must all be in the same call).
+    append=True adds to an existing file (a prompt's samples must all be in the same call). `image_tag` prefixes the
+    crops' file names, so that calls appending the same uid again (a training dump's later rounds, other rollout
+    handles) do not overwrite the crops of an earlier one.
     """
     out_dir = Path(out_dir)
     image_root = out_dir / "images"
@@ -213,6 +216,7 @@ def write_trajectories(
                     "path": image.path,
                     "source_index": image.source_index,
                     "box": list(image.box) if image.box else None,
+                    "raw_size": list(image.raw.size),  # (width, height): the frame of the boxes cut from it
                 }
                 if image.origin == "prompt":
                     model_file = f"images/{folder}/prompt_{image_index}_model.png"
@@ -221,7 +225,7 @@ def write_trajectories(
                         written_prompt_images.add(model_file)
                     entry["raw_file"] = None
                 else:
-                    stem = f"images/{folder}/s{traj.sample_index}_obs{image_index}"
+                    stem = f"images/{folder}/{image_tag}s{traj.sample_index}_obs{image_index}"
                     model_file, entry["raw_file"] = f"{stem}_model.png", f"{stem}_raw.png"
                     image.raw.save(out_dir / entry["raw_file"])
                     image.model.save(out_dir / model_file)

@@ -100,14 +100,19 @@ class TrainingSequence:
     image_grid_thw: list[tuple[int, int, int]]
 
 
-def training_sequences(group: SampleGroup, *, handle: int, group_id: int, algorithm: AlgorithmConfig) -> list[TrainingSequence]:
-    """The group's samples with their advantages (recipe: (r - mean) / (std + eps) within the group)."""
+def group_advantages(group: SampleGroup, algorithm: AlgorithmConfig) -> list[float]:
+    """Each sample's advantage (recipe: (r - mean) / (std + eps) within the group)."""
     rewards = torch.tensor(group.rewards, dtype=torch.float64)
     advantages = compute_grpo_advantages(
         rewards, torch.zeros(len(rewards), dtype=torch.long), algorithm.adv_eps, algorithm.norm_adv_by_std
     )
+    return advantages.tolist()
+
+
+def training_sequences(group: SampleGroup, *, handle: int, group_id: int, algorithm: AlgorithmConfig) -> list[TrainingSequence]:
+    """The group's samples with their advantages (group_advantages)."""
     out = []
-    for traj, advantage in zip(group.trajectories, advantages.tolist()):
+    for traj, advantage in zip(group.trajectories, group_advantages(group, algorithm)):
         length = traj.attention_length
         out.append(
             TrainingSequence(

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from megatron_minio3.config import Config, dump_yaml
+from megatron_minio3.progress import Progress
 from megatron_minio3.config.schema import resume_target
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,23 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def _hash_all(paths: list[Path], description: str) -> list[str]:
+    """SHA-256 of each file, in order, on a few threads, with progress in bytes."""
+    total = sum(p.stat().st_size for p in paths)
+    with Progress(total, description, unit="B", scale=1e6, scale_unit="MB") as progress, \
+            ThreadPoolExecutor(min(_HASH_THREADS, len(paths) or 1)) as pool:
+        def digest(path: Path) -> str:
+            value = _sha256(path)
+            progress.update(path.stat().st_size)
+            return value
+
+        return list(pool.map(digest, paths))
+
+
 def file_manifest(directory: Path, exclude: tuple[str, ...] = (STATE_FILE,)) -> dict[str, dict]:
     """Size and SHA-256 of every file under `directory` (relative POSIX paths, sorted)."""
     paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in exclude)
-    with ThreadPoolExecutor(min(_HASH_THREADS, len(paths) or 1)) as pool:
-        digests = list(pool.map(_sha256, paths))
+    digests = _hash_all(paths, f"checksums of {directory.name}")
     return {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": digest}
             for p, digest in zip(paths, digests)}
 
@@ -76,8 +89,7 @@ def manifest_problem(directory: Path, files: dict[str, dict]) -> str | None:
         if size != expected["bytes"]:
             return f"{path}: {size} bytes, {expected['bytes']} were written (truncated or replaced)"
     names = list(files)
-    with ThreadPoolExecutor(min(_HASH_THREADS, len(names) or 1)) as pool:
-        digests = list(pool.map(lambda name: _sha256(directory / name), names))
+    digests = _hash_all([directory / name for name in names], f"verifying {directory.name}")
     for name, digest in zip(names, digests):
         if digest != files[name]["sha256"]:
             return f"{directory / name}: its SHA-256 differs from the one recorded at save (corrupted)"

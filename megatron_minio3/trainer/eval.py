@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import math
+import random
 import sys
 import time
 from collections import defaultdict
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megatron_minio3.config.schema import Config
+from megatron_minio3.progress import Progress
 from megatron_minio3.rollout.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -124,10 +126,11 @@ def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0
     try:
         loop = AgentLoop.from_config(engines, engines[0].tokenizer, engines[0].vision, cfg.rollout, cfg.data, cfg.eval)
         started = time.perf_counter()
-        uids, sources, accuracies = [], [], []
+        uids, sources, accuracies, generations = [], [], [], []
         all_inputs, all_results, summaries, skipped = [], [], [], []
         num_generated = 0
         batch_size = cfg.eval.num_prompts_per_batch
+        progress = Progress(len(prompts), "evaluation", unit="question")
         for first in range(0, len(prompts), batch_size):
             chunk = prompts[first : first + batch_size]
             seeds = eval_prompt_seeds(cfg.rollout.seed, step, first, [p.uid for p in chunk])
@@ -138,6 +141,11 @@ def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0
                 uids.append(traj.uid)
                 sources.append(traj.data_source)
                 accuracies.append(0.0 if result.failed else result.metrics.get("accuracy", 0.0))
+                if cfg.trainer.log_val_generations:
+                    generations.append({"uid": traj.uid, "sample_index": traj.sample_index,
+                                        "data_source": traj.data_source, "question": traj.question,
+                                        "ground_truth": traj.ground_truth, "response": "\n\n".join(traj.turn_texts),
+                                        "score": result.score})
             all_inputs += inputs
             all_results += results
             skipped += batch.skipped
@@ -149,7 +157,8 @@ def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0
                     for result, accuracy in zip(results, accuracies[-len(results):])
                 ]
                 write_trajectories(batch.trajectories, out_dir, extras=extras, append=first > 0)
-            logger.info("evaluated %d/%d questions", min(first + batch_size, len(prompts)), len(prompts))
+            progress.update(len(chunk))
+        progress.close()
         wall_s = time.perf_counter() - started
     finally:
         if owned:
@@ -191,6 +200,10 @@ def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0
         "wall_s": wall_s,
         "generated_tokens_per_s": num_generated / wall_s if wall_s > 0 else 0.0,
     }
+    if generations:  # trainer.log_val_generations: the same uids every evaluation (a draw seeded by trainer.seed)
+        chosen = sorted(random.Random(cfg.trainer.seed).sample(range(len(generations)),
+                                                                min(cfg.trainer.log_val_generations, len(generations))))
+        metrics["generations"] = [generations[i] for i in chosen]
     (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
     return metrics
 

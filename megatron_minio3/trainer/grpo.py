@@ -114,11 +114,7 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
         if not cfg.data.val_files:
             raise ValueError("trainer.eval_every is set but data.val_files is empty: list the evaluation files")
         read_datasets(cfg.data.val_files, cfg.data.image_dir, cfg.eval.max_prompts)
-    if "wandb" in cfg.trainer.loggers:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ValueError("trainer.loggers: 'wandb' needs the wandb package (pip install wandb)") from None
+    check_loggers(cfg)
     RewardManager(cfg.reward)  # a verifier that cannot be built (e.g. a judge without its API key) fails here
     checkpoints = CheckpointManager(Path(cfg.trainer.output_dir) / "checkpoints", cfg.trainer.keep_last_checkpoints)
     resume_from = checkpoints.select(cfg.trainer.resume)  # every file checked against its recorded checksum
@@ -129,6 +125,17 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
     except ImageLoadError as err:
         raise ValueError(f"weights.probe_num_prompts: the probe uses the first training prompts, and {err}") from None
     return RunPlan(prompts, probe_prompts, checkpoints, resume_from)
+
+
+def check_loggers(cfg: Config) -> None:
+    """The packages trainer.loggers needs are importable (before any process starts)."""
+    for name, module, package in (("wandb", "wandb", "wandb"), ("tensorboard", "tensorboard", "tensorboard")):
+        if name in cfg.trainer.loggers:
+            try:
+                __import__(module)
+            except ImportError:
+                raise ValueError(f"trainer.loggers: {name!r} needs the {package} package (pip install {package})") \
+                    from None
 
 
 def num_rollout_handles(cfg: Config) -> int:
@@ -213,7 +220,8 @@ class GRPOTrainer:
                 self._restore(plan.resume_from, resumed)
             elif cfg.actor.load:  # the engines started from the HF checkpoint, the actor from actor.load
                 self.workers.sync_weights()
-            self.logger = MetricsLogger(cfg, self.run_dir, resume_step=self.step)
+            self.logger = MetricsLogger(cfg, self.run_dir, resume_step=self.step,
+                                        wandb_run_id=resumed.get("wandb_run_id") if resumed else None)
         except BaseException:
             self.close()
             raise
@@ -288,6 +296,7 @@ class GRPOTrainer:
         """Avg@k and pass@k per data_source on data.val_files (eval.*), under <output_dir>/eval/step_N."""
         output_dir = self.run_dir / "eval" / f"step_{step:08d}"
         result = self.workers.evaluate(str(output_dir), step)
+        self.logger.log_generations(step, result.get("generations", []))
         k = self.cfg.eval.k
         return {
             f"eval/{source}/{name}": row[name]
@@ -302,7 +311,8 @@ class GRPOTrainer:
             return self.workers.save_checkpoint(directory)
 
         state = {"step": self.step, "num_optimizer_steps": self.num_optimizer_steps,
-                 "sampler": self.sampler.state_dict(), "layout": _layout(self.cfg)}
+                 "sampler": self.sampler.state_dict(), "layout": _layout(self.cfg),
+                 "wandb_run_id": self.logger.wandb_run_id}
         try:
             path = self.plan.checkpoints.save(self.step, state, self.cfg, write_shards)
         except Exception as err:  # noqa: BLE001 - what failed is named; the traceback goes to the log

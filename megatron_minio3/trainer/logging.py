@@ -1,9 +1,13 @@
-"""Training metrics: a console line per step, `metrics.jsonl` in the run directory, optionally Weights & Biases.
+"""Training metrics: a console line per step, `metrics.jsonl` in the run directory, TensorBoard event files
+(<run dir>/tensorboard) and Weights & Biases (online or offline; a resumed run continues the same wandb run: its id is
+kept in the checkpoint), as trainer.loggers says. Sampled validation generations go to every sink that shows text
+(`log_generations`).
 
 Metric names (all floats; one record per step):
     reward/...              every generated sample of the step (rewards.reward_metrics_by_source):
                             reward/mean, reward/accuracy, reward/<data_source>/mean, .../accuracy, .../num_failed
-    rollout/...             turns, tool calls and errors, exceed/void/truncated rates, generated tokens, throughput
+    rollout/...             turns, tool calls and errors, exceed/void/truncated rates, generated tokens, throughput;
+                            per data source as rollout/<data_source>/... (rollout.agent_loop.rollout_metrics_by_source)
     sampling/...            dynamic sampling: generation rounds, groups generated / kept / dropped (and why)
     actor/...               loss, pg_loss, clip_fraction, ppo_kl, entropy (kl) as token-means over the step's
                             mini-batches, grad_norm (mean and max), lr, optimizer steps; rollout_logprob_diff:
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -52,25 +57,35 @@ class MetricsLogger:
     """Writes each step's metrics to the configured sinks (trainer.loggers)."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, resume_step: int, print_fn=print, total_steps: int | None = None,
-                 formatter=None):
-        """total_steps / formatter: the console line's step count and format (GRPO's by default)."""
+                 formatter=None, wandb_run_id: str | None = None):
+        """total_steps / formatter: the console line's step count and format (GRPO's by default). wandb_run_id: the
+        id saved in the checkpoint the run resumes from (a new run gets a new one: `self.wandb_run_id`)."""
         self.sinks = set(cfg.trainer.loggers)
         self.total_steps = cfg.trainer.total_steps if total_steps is None else total_steps
         self.format = formatter or format_step
         self.print = print_fn
-        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
         if self.jsonl_path.exists():  # drop records of steps after the checkpoint the run continues from
             kept = [r for r in read_metrics(self.jsonl_path) if r["step"] <= resume_step]
             tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
             tmp.replace(self.jsonl_path)
+        self._tensorboard = None
+        if "tensorboard" in self.sinks:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events of steps after the checkpoint (written before a crash) are dropped by readers
+            self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
         self._wandb = None
+        self.wandb_run_id = wandb_run_id
         if "wandb" in self.sinks:
             import wandb
 
+            self.wandb_run_id = wandb_run_id or secrets.token_hex(4)  # wandb ids: lowercase letters and digits
             self._wandb = wandb.init(
-                project=cfg.trainer.project, name=cfg.trainer.experiment, dir=str(run_dir), config=to_dict(cfg),
-                resume="allow",
+                project=cfg.trainer.project, name=cfg.trainer.experiment, dir=str(self.run_dir), config=to_dict(cfg),
+                id=self.wandb_run_id, resume="allow", mode=cfg.trainer.wandb_mode,
             )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -80,6 +95,11 @@ class MetricsLogger:
                 handle.write(json.dumps(record) + "\n")
         if "console" in self.sinks:
             self.print(self.format(step, self.total_steps, metrics))
+        if self._tensorboard is not None:
+            for key, value in sorted(metrics.items()):
+                if math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, global_step=step)
+            self._tensorboard.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
@@ -91,9 +111,46 @@ class MetricsLogger:
             with self.jsonl_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+    def log_generations(self, step: int, samples: list[dict]) -> None:
+        """Sampled validation generations (trainer.log_val_generations; keys of GENERATION_COLUMNS): appended to
+        <run dir>/generations.jsonl, a markdown table under the text tag `val/generations` in TensorBoard and a
+        table `val/generations` in wandb."""
+        if not samples:
+            return
+        rows = [[sample.get(column) for column in GENERATION_COLUMNS] for sample in samples]
+        if "jsonl" in self.sinks:
+            with (self.run_dir / "generations.jsonl").open("a", encoding="utf-8") as handle:
+                for sample in samples:
+                    handle.write(json.dumps({"step": step, **sample}) + "\n")
+        if self._tensorboard is not None:
+            self._tensorboard.add_text("val/generations", generations_markdown(rows), global_step=step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"val/generations": wandb.Table(columns=list(GENERATION_COLUMNS), data=rows)}, step=step)
+
     def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
+
+
+GENERATION_COLUMNS = ("uid", "sample_index", "data_source", "question", "ground_truth", "response", "score")
+
+
+def generations_markdown(rows: list[list]) -> str:
+    """A markdown table (TensorBoard renders it) of generation rows; cells escaped for the table."""
+    def cell(value) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(GENERATION_COLUMNS) + " |", "|" + " --- |" * len(GENERATION_COLUMNS)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 class _Missing:

@@ -51,6 +51,9 @@ def prepare_sft(cfg: Config) -> SftRunPlan:
     if cfg.actor.packing.max_tokens_per_microbatch < longest:
         raise ValueError(f"actor.packing.max_tokens_per_microbatch ({cfg.actor.packing.max_tokens_per_microbatch}) "
                          f"must hold the longest conversation: sft.max_length = {cfg.sft.max_length} ({longest} padded)")
+    from megatron_minio3.trainer.grpo import check_loggers
+
+    check_loggers(cfg)
     checkpoints = CheckpointManager(Path(cfg.trainer.output_dir) / "checkpoints", cfg.trainer.keep_last_checkpoints)
     return SftRunPlan(checkpoints, checkpoints.select(cfg.trainer.resume))  # every file checked against its checksum
 
@@ -112,10 +115,11 @@ class SFTTrainer:
             self._call("set_total_optimizer_steps", self.total_steps)  # the lr schedule spans the whole run
             self.sampler = PromptSampler(list(range(len(samples))), cfg.trainer.seed)
             self.step = 0
+            wandb_run_id = None
             if plan.resume_from is not None:
-                self._restore(plan.resume_from)
+                wandb_run_id = self._restore(plan.resume_from)
             self.logger = MetricsLogger(cfg, self.run_dir, resume_step=self.step, total_steps=self.total_steps,
-                                        formatter=format_sft_step)
+                                        formatter=format_sft_step, wandb_run_id=wandb_run_id)
         except BaseException:
             self.close()
             raise
@@ -155,14 +159,15 @@ class SFTTrainer:
             print(f"exported the model as an HF checkpoint: {out}", flush=True)
 
     def save(self) -> Path:
-        state = {"step": self.step, "sampler": self.sampler.state_dict(),
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "wandb_run_id": self.logger.wandb_run_id,
                  "layout": {n: getattr(self.cfg.parallel, n) for n in ("tp", "pp", "cp", "dp")}}
         path = self.plan.checkpoints.save(self.step, state, self.cfg,
                                           lambda directory: self._call("save_checkpoint", directory))
         print(f"saved checkpoint {path}", flush=True)
         return path
 
-    def _restore(self, path: Path) -> None:
+    def _restore(self, path: Path) -> str | None:
+        """Load the checkpoint; returns the wandb run id it recorded (None before there was one)."""
         state = self.plan.checkpoints.read_state(path)
         fingerprints = self._call("load_checkpoint", str(path))
         layout = {n: getattr(self.cfg.parallel, n) for n in ("tp", "pp", "cp", "dp")}
@@ -171,6 +176,7 @@ class SFTTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         print(f"resumed from {path} (step {self.step})", flush=True)
+        return state.get("wandb_run_id")
 
     def close(self) -> None:
         import ray

@@ -104,7 +104,7 @@ class Collection:
 
     def metrics(self) -> dict[str, float]:
         from megatron_minio3.rewards.manager import reward_metrics_by_source
-        from megatron_minio3.rollout.agent_loop import rollout_metrics
+        from megatron_minio3.rollout.agent_loop import rollout_metrics, rollout_metrics_by_source
 
         per_handle = Counter()
         for handle, num_samples in self.samples_per_handle:
@@ -112,6 +112,7 @@ class Collection:
         return {
             **{f"rollout/handle_{h}/num_trajectories": float(n) for h, n in sorted(per_handle.items())},
             **rollout_metrics([s.trajectory for s in self.samples], self.skipped_reasons, self.generate_s),
+            **rollout_metrics_by_source([s.trajectory for s in self.samples]),
             **(reward_metrics_by_source(self.samples, [s.reward for s in self.samples]) if self.samples else {}),
             "rollout/reward_s": self.reward_s,
             "sampling/num_rounds": float(self.num_rounds),

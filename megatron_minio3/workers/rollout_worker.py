@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import time
+from pathlib import Path
 from collections.abc import Sequence
 
 from megatron_minio3.config.schema import Config
@@ -80,6 +81,7 @@ class RolloutRuntime:
         self._groups: dict[int, SampleGroup] = {}  # kept groups of the current step, by group id
         self._group_ids = itertools.count()  # numbered from 0 in every step: a resumed step numbers them alike
         self._step = None
+        self._round = 0
 
     # ------------------------------------------------------------------ one step's data
 
@@ -109,8 +111,12 @@ class RolloutRuntime:
             self._step = step
             self._groups.clear()
             self._group_ids = itertools.count()
+            self._round = 0
+        else:
+            self._round += 1
         with self._phase():
-            batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n, seeds=seeds))
+            batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n, seeds=seeds,
+                                              progress_label=f"step {step} generation round {self._round + 1}"))
         started = time.perf_counter()
         results = self.reward.score_sync(
             [to_reward_input(traj) for traj in batch.trajectories], validation=False, step=step - 1,
@@ -130,7 +136,29 @@ class RolloutRuntime:
                 group, handle=self.handle, group_id=group_id, keep=keep,
                 drop_reason="reward_failed" if failed else "no_reward_spread", algorithm=cfg.algorithm,
             ))
+        every = cfg.trainer.dump_rollouts_every
+        if every and step % every == 0 and batch.trajectories:
+            self._dump(step, groups, [s.keep for s in summaries])
         return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s, time.perf_counter() - started)
+
+    def _dump(self, step: int, groups: Sequence[SampleGroup], kept: Sequence[bool]) -> None:
+        """trainer.dump_rollouts_every: this round's trajectories to <output_dir>/rollouts/step_N, one file per
+        handle (the step's first round starts it over: a step run again after a resume replaces its dump)."""
+        from megatron_minio3.rollout.trajectory import write_trajectories
+        from megatron_minio3.trainer.batch import group_advantages
+
+        trajectories, extras = [], []
+        for group, keep in zip(groups, kept):
+            for traj, result, advantage in zip(group.trajectories, group.results,
+                                               group_advantages(group, self.cfg.algorithm)):
+                trajectories.append(traj)
+                extras.append({"score": result.score, "accuracy": result.metrics.get("accuracy", 0.0),
+                               "reward_failed": result.failed, "reward_error": result.error, "advantage": advantage,
+                               "kept": keep, "step": self._step, "round": self._round})
+        out_dir = Path(self.cfg.trainer.output_dir) / "rollouts" / f"step_{self._step:08d}"
+        path = write_trajectories(trajectories, out_dir, file_name=f"trajectories_handle{self.handle}.jsonl",
+                                  extras=extras, append=self._round > 0, image_tag=f"h{self.handle}r{self._round}_")
+        logger.info("step %d round %d: %d trajectories written to %s", self._step, self._round, len(trajectories), path)
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]) -> list[list[TrainingSequence]]:
         """requests[d]: keys of this handle's sequences that data-parallel rank d trains on. Returns one list per

@@ -191,8 +191,11 @@ def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, 
     optimizer, the prompts and the engines' weights exactly."""
     engines = ENGINES
     # actor params, grads and Adam state parked on host while the engines generate (host-to-host here)
-    first = {"trainer.total_steps": 2, "actor.offload_to_host_between_phases": True, **LAYOUTS[layout]}
+    # TensorBoard beside the console and metrics.jsonl; the trajectories of step 2 dumped by every rollout handle
+    first = {"trainer.total_steps": 2, "actor.offload_to_host_between_phases": True, **LAYOUTS[layout],
+             "trainer.loggers": "[console,jsonl,tensorboard]", "trainer.dump_rollouts_every": 2}
     train(overrides(tiny_hf_dir, dataset, out, **first), capsys)
+    check_rollout_dump(out / "rollouts", engines[layout])
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -232,11 +235,23 @@ def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, 
     # model built from the HF checkpoint, parked on host between uses) and the entropy bonus.
     extra = {"trainer.total_steps": 3, "algorithm.kl_coef": 0.05, "algorithm.entropy_coef": 0.01,
              **LAYOUTS[resume_layout]}
-    stdout = train(overrides(tiny_hf_dir, dataset, out, **extra), capsys)
+    stdout = train(overrides(tiny_hf_dir, dataset, out, **extra, **{"trainer.loggers": "[console,jsonl,tensorboard]"}),
+                   capsys)
     assert f"resumed from {out / 'checkpoints' / 'step_00000002'} (step 2" in stdout
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "event" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
+    # TensorBoard's own reader: the step series of both runs, continued after the resume
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["reward/mean"]] == [1, 2, 3]
+    assert [value for _, value in scalars["reward/mean"]] == pytest.approx([r["reward/mean"] for r in steps])
+    for key in ("actor/loss", "rollout/num_turns_mean", "timing/step_s", "probe/mean_abs_logprob_diff"):
+        assert [step for step, _ in scalars[key]] == [1, 2, 3], key
+    sources = {k.split("/")[1] for k in steps[0] if k.startswith("reward/") and k.count("/") == 2}
+    for source in sources:  # the rollout's shape per data source, beside its reward
+        for name in ("num_turns_mean", "num_tool_calls_mean", "num_tool_errors_mean", "exceed_rate", "void_rate",
+                     "generated_tokens_mean"):
+            assert f"rollout/{source}/{name}" in scalars, (source, name)
     resumed_probe = [r for r in records if r.get("event") == "probe"][-1]
     assert resumed_probe["step"] == 2 and resumed_probe["probe/num_engines"] == engines[resume_layout]
     # the same weights in the engines as after step 2: the same greedy probe, scored the same
@@ -254,6 +269,39 @@ def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, 
         sampler.next(int(record["sampling/num_rounds"]) * cfg.trainer.train_batch_size)
     assert state_3["sampler"] == sampler.state_dict()
     assert json.loads((out / "checkpoints" / "step_00000003" / STATE_FILE).read_text())["step"] == 3
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the event files under log_dir, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for run in sorted({path.parent for path in log_dir.rglob("events.out.tfevents.*")}):
+        accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            series.setdefault(tag, []).extend((event.step, event.value) for event in accumulator.Scalars(tag))
+    return {tag: sorted(values) for tag, values in series.items()}
+
+
+def check_rollout_dump(root: Path, num_handles: int) -> None:
+    """trainer.dump_rollouts_every=2: step 2's trajectories, one file per rollout handle, each line with its reward
+    and advantage (advantages of a group sum to zero), crops on disk; step 1 not dumped."""
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+    files = sorted((root / "step_00000002").glob("trajectories_handle*.jsonl"))
+    assert [f.name for f in files] == [f"trajectories_handle{h}.jsonl" for h in range(num_handles)]
+    for file in files:
+        records = [json.loads(line) for line in file.read_text().splitlines()]
+        assert records and all(r["step"] == 2 and {"score", "accuracy", "advantage", "kept", "round"} <= set(r)
+                               for r in records)
+        groups: dict[tuple, list[float]] = {}
+        for record in records:
+            groups.setdefault((record["round"], record["uid"]), []).append(record["advantage"])
+            for image in record["images"]:
+                assert (file.parent / image["model_file"]).is_file() and len(image["raw_size"]) == 2
+                if image["origin"] == "crop":  # named by handle and round: no later round overwrites them
+                    assert f"/h{file.stem[-1]}r{record['round']}_s{record['sample_index']}_obs" in image["raw_file"]
+        assert all(abs(sum(values)) < 1e-6 for values in groups.values()), groups
 
 
 def test_hybrid_dp2_two_steps_then_resume_on_one_rank(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys):

@@ -119,7 +119,7 @@ def test_reward_rises_when_the_signal_is_learnable(tiny_hf_dir, tmp_path):
     settings = {"trainer.total_steps": 12, "trainer.train_batch_size": 4, "actor.ppo_mini_batch_size": 2,
                 "trainer.save_every": 0, "rollout.max_turns": 3, "weights.probe_every": 4,
                 "trainer.eval_every": 6, "data.val_files": f"[{path}]", "eval.k": 2, "eval.max_prompts": 4,
-                "eval.max_turns": 3}
+                "eval.max_turns": 3, "trainer.log_val_generations": 3}
     run_grpo(overrides(tiny_hf_dir, path, out, **settings), tmp_path / "run.log")
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
     rewards = [r["reward/mean"] for r in steps]
@@ -129,3 +129,8 @@ def test_reward_rises_when_the_signal_is_learnable(tiny_hf_dir, tmp_path):
     evals = [(r["step"], r["eval/synthetic_visual_search_medium/avg@2"]) for r in steps if "eval/all/avg@2" in r]
     assert [step for step, _ in evals] == [6, 12] and evals[-1][1] > 0.6, evals
     assert (out / "eval" / "step_00000012" / "metrics.json").is_file()
+    # the same 3 sampled validation generations logged at each evaluation (trainer.log_val_generations)
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in generations] == [6, 6, 6, 12, 12, 12]
+    assert [g["uid"] for g in generations[:3]] == [g["uid"] for g in generations[3:]]
+    assert all(g["response"] and g["ground_truth"] == "A" for g in generations)
