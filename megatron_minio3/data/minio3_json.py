@@ -24,7 +24,7 @@ from megatron_minio3.config.data import IMAGE_MARKER
 class Prompt:
     """One question of a dataset, as the rollout sees it."""
 
-    uid: str  # unique within a dataset: "<file stem>/<doc_id>"
+    uid: str  # "<dataset name>/<doc_id>": the file's stem, with parent folders when stems repeat (dataset_names)
     image_paths: tuple[str, ...]  # resolved paths of the prompt's images, in order
     question: str  # the row's problem text, `<image>` markers included
     answer: str  # ground truth ("solution")
@@ -85,14 +85,36 @@ def _row_images(row: dict[str, Any], where: str) -> list[str]:
     return images
 
 
-def read_minio3_json(path: str | Path, image_dir: str | Path | None = None) -> list[Prompt]:
-    """Read one Mini-o3 JSON file. Raises ValueError naming the file, row and key at fault."""
+def dataset_names(files: list[str | Path]) -> list[str]:
+    """The name each file's prompt ids start with: its stem ("train"), or, when several files share a stem (the
+    seed's VisualProbe_train/train.json and DeepEyes_train_4K/train.json), as many parent folders as make the
+    names differ ("VisualProbe_train/train", "DeepEyes_train_4K/train")."""
+    paths = [Path(file).resolve() for file in files]
+    depth = [0] * len(paths)
+
+    def name(index: int) -> str:
+        path = paths[index].with_suffix("")
+        return "/".join(path.parts[len(path.parts) - 1 - depth[index]:])
+
+    while True:
+        names = [name(i) for i in range(len(paths))]
+        clashing = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clashing and depth[i] + 1 < len(paths[i].parts) - 1]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
+
+
+def read_minio3_json(path: str | Path, image_dir: str | Path | None = None, name: str | None = None) -> list[Prompt]:
+    """Read one Mini-o3 JSON file; prompt ids are "<name>/<doc_id>" (name: the file's stem by default). Raises
+    ValueError naming the file, row and key at fault."""
     path = Path(path)
     rows = _read_json(path)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
     base = Path(image_dir) if image_dir else path.parent
-    stem = path.stem
+    stem = name or path.stem
     prompts: list[Prompt] = []
     seen_uids: set[str] = set()
     for index, row in enumerate(rows):
@@ -133,13 +155,13 @@ def read_datasets(files: list[str], image_dir: str = "", max_prompts_per_file: i
     """Read several Mini-o3 JSON files in order; max_prompts_per_file > 0 keeps the first rows of each."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
-    for file in files:
-        rows = read_minio3_json(file, image_dir or None)
+    for file, name in zip(files, dataset_names(files)):
+        rows = read_minio3_json(file, image_dir or None, name)
         if max_prompts_per_file > 0:
             rows = rows[:max_prompts_per_file]
         for prompt in rows:
             if prompt.uid in seen:
-                raise ValueError(f"{file}: uid {prompt.uid!r} also appears in an earlier file (same file name?)")
+                raise ValueError(f"{file}: uid {prompt.uid!r} also appears in an earlier file (the same file twice?)")
             seen.add(prompt.uid)
         prompts.extend(rows)
     return prompts

@@ -10,7 +10,7 @@ from PIL import Image
 from megatron_minio3.config.data import DataConfig
 from megatron_minio3.config.loader import ConfigError, load_config
 from megatron_minio3.data.images import ImageLoadError, load_image, resample_from_name
-from megatron_minio3.data.minio3_json import read_datasets, read_minio3_json
+from megatron_minio3.data.minio3_json import dataset_names, read_datasets, read_minio3_json
 from megatron_minio3.data.synthetic import write_visual_search_dataset
 from megatron_minio3.data.templates import (
     VISION_PLACEHOLDER,
@@ -24,6 +24,7 @@ ROW = {"images": ["a.png"], "doc_id": "q1", "problem": "<image>\nWhat?", "soluti
 
 
 def write_json(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows))
     return path
 
@@ -70,14 +71,28 @@ def test_reader_file_errors(tmp_path):
 
 
 def test_read_datasets_limits_and_rejects_duplicate_uids(tmp_path):
-    (tmp_path / "x").mkdir()
     rows = [{**ROW, "doc_id": str(i)} for i in range(5)]
     first = write_json(tmp_path / "bench.json", rows)
     second = write_json(tmp_path / "other.json", rows)
-    assert len(read_datasets([str(first), str(second)], max_prompts_per_file=2)) == 4
-    clash = write_json(tmp_path / "x" / "bench.json", rows)
+    prompts = read_datasets([str(first), str(second)], max_prompts_per_file=2)
+    assert [p.uid for p in prompts] == ["bench/0", "bench/1", "other/0", "other/1"]  # stems when they differ
     with pytest.raises(ValueError, match="also appears in an earlier file"):
-        read_datasets([str(first), str(clash)])
+        read_datasets([str(first), str(first)])
+
+
+def test_files_of_the_same_name_in_different_folders_keep_their_ids_apart(tmp_path):
+    """The seed's VisualProbe_train/train.json and DeepEyes_train_4K/train.json both hold doc_id 0."""
+    rows = [{**ROW, "doc_id": str(i)} for i in range(3)]
+    probe = write_json(tmp_path / "VisualProbe_train" / "train.json", rows)
+    deepeyes = write_json(tmp_path / "DeepEyes_train_4K" / "train.json", rows)
+    other = write_json(tmp_path / "extra.json", rows[:1])
+    prompts = read_datasets([str(probe), str(deepeyes), str(other)])
+    assert [p.uid for p in prompts] == [*(f"VisualProbe_train/train/{i}" for i in range(3)),
+                                         *(f"DeepEyes_train_4K/train/{i}" for i in range(3)), "extra/0"]
+    # folders of the same name too: as many parent folders as make the names differ
+    a = write_json(tmp_path / "a" / "split" / "train.json", rows[:1])
+    b = write_json(tmp_path / "b" / "split" / "train.json", rows[:1])
+    assert dataset_names([a, b, other]) == ["a/split/train", "b/split/train", "extra"]
 
 
 def test_load_image_errors(tmp_path):
