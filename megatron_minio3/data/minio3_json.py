@@ -106,9 +106,11 @@ def dataset_names(files: list[str | Path]) -> list[str]:
             depth[i] += 1
 
 
-def read_minio3_json(path: str | Path, image_dir: str | Path | None = None, name: str | None = None) -> list[Prompt]:
+def read_minio3_json(path: str | Path, image_dir: str | Path | None = None, name: str | None = None, *,
+                     check_images: bool = False) -> list[Prompt]:
     """Read one Mini-o3 JSON file; prompt ids are "<name>/<doc_id>" (name: the file's stem by default). Raises
-    ValueError naming the file, row and key at fault."""
+    ValueError naming the file, row and key at fault; with check_images, also the image path of a row whose image
+    file does not exist."""
     path = Path(path)
     rows = _read_json(path)
     if not isinstance(rows, list):
@@ -134,6 +136,12 @@ def read_minio3_json(path: str | Path, image_dir: str | Path | None = None, name
             raise ValueError(
                 f"{where}: 'problem' has {num_markers} {IMAGE_MARKER} markers but the row has {len(images)} images"
             )
+        if check_images:
+            origin = "data.image_dir" if image_dir else "the data file's folder"
+            for item in images:
+                if not (base / item).is_file():
+                    raise ValueError(f"{where}: image {item!r} not found: {base / item} (relative image paths resolve "
+                                     f"against {origin}, {base})")
         uid = f"{stem}/{doc_id}"
         if uid in seen_uids:
             raise ValueError(f"{where}: doc_id {doc_id!r} appears twice in the file")
@@ -151,12 +159,14 @@ def read_minio3_json(path: str | Path, image_dir: str | Path | None = None, name
     return prompts
 
 
-def read_datasets(files: list[str], image_dir: str = "", max_prompts_per_file: int = 0) -> list[Prompt]:
-    """Read several Mini-o3 JSON files in order; max_prompts_per_file > 0 keeps the first rows of each."""
+def read_datasets(files: list[str], image_dir: str = "", max_prompts_per_file: int = 0, *,
+                  check_images: bool = False) -> list[Prompt]:
+    """Read several Mini-o3 JSON files in order; max_prompts_per_file > 0 keeps the first rows of each;
+    check_images: every image file must exist (the training run's pre-launch check)."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
     for file, name in zip(files, dataset_names(files)):
-        rows = read_minio3_json(file, image_dir or None, name)
+        rows = read_minio3_json(file, image_dir or None, name, check_images=check_images)
         if max_prompts_per_file > 0:
             rows = rows[:max_prompts_per_file]
         for prompt in rows:

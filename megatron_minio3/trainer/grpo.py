@@ -73,7 +73,7 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
         raise ValueError(f"model: {cfg.model!r} is not an HF Qwen2.5-VL checkpoint directory (no config.json)")
     if not cfg.data.train_files:
         raise ValueError("data.train_files: list the Mini-o3 JSON training files (data.train_files=[a.json])")
-    prompts = read_datasets(cfg.data.train_files, cfg.data.image_dir)
+    prompts = read_datasets(cfg.data.train_files, cfg.data.image_dir, check_images=True)
     if not prompts:
         raise ValueError(f"data.train_files: {cfg.data.train_files} hold no prompt")
     if cfg.rollout.temperature <= 0:

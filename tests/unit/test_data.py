@@ -95,6 +95,18 @@ def test_files_of_the_same_name_in_different_folders_keep_their_ids_apart(tmp_pa
     assert dataset_names([a, b, other]) == ["a/split/train", "b/split/train", "extra"]
 
 
+def test_a_missing_image_names_the_file_row_and_path_when_checked(tmp_path):
+    rows = [{**ROW, "doc_id": "0", "images": ["img/there.png"]}, {**ROW, "doc_id": "1", "images": ["img/gone.png"]}]
+    path = write_json(tmp_path / "data" / "train.json", rows)
+    (tmp_path / "base" / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "base" / "img" / "there.png")
+    assert len(read_datasets([str(path)], str(tmp_path / "base"))) == 2  # not checked unless asked
+    with pytest.raises(ValueError) as info:
+        read_datasets([str(path)], str(tmp_path / "base"), check_images=True)
+    assert str(info.value).startswith(f"{path} row 1: image 'img/gone.png' not found: {tmp_path / 'base' / 'img' / 'gone.png'}")
+    assert "data.image_dir" in str(info.value)
+
+
 def test_load_image_errors(tmp_path):
     Image.new("L", (10, 8)).save(tmp_path / "grey.png")
     image = load_image(tmp_path / "grey.png")
