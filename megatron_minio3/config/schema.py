@@ -141,6 +141,7 @@ class TrainerConfig:
     train_batch_size: int = 256  # valid prompts per step (after dynamic sampling)
     save_every: int = 50  # checkpoint every N steps and after the last step; 0 = no checkpoints
     eval_every: int = 0  # 0: no evaluation during training
+    eval_before_train: bool = False  # evaluate the starting model before step 1 (logged at step 0)
     # true: continue from the latest complete checkpoint in output_dir; false: start over (refused when
     # checkpoints exist); a step (2) or a checkpoint name (step_00000002): continue from that checkpoint
     resume: bool | int | str = True
@@ -180,9 +181,9 @@ class TrainerConfig:
         if unknown:
             raise ValueError(f"trainer.loggers: unknown logger(s) {unknown}; choose from console, jsonl, tensorboard, "
                              "wandb")
-        if self.log_val_generations and not self.eval_every:
+        if self.log_val_generations and not (self.eval_every or self.eval_before_train):
             raise ValueError("trainer.log_val_generations samples the evaluation's generations: set trainer.eval_every "
-                             "too (or log_val_generations=0)")
+                             "or trainer.eval_before_train too (or log_val_generations=0)")
 
 
 @dataclass

@@ -110,9 +110,10 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
             f"run's {handles} rollout handles ({_handles_origin(cfg)}): some engines would never generate; raise "
             f"trainer.train_batch_size to at least {handles}"
         )
-    if cfg.trainer.eval_every:
+    if cfg.trainer.eval_every or cfg.trainer.eval_before_train:
         if not cfg.data.val_files:
-            raise ValueError("trainer.eval_every is set but data.val_files is empty: list the evaluation files")
+            key = "trainer.eval_every" if cfg.trainer.eval_every else "trainer.eval_before_train"
+            raise ValueError(f"{key} is set but data.val_files is empty: list the evaluation files")
         read_datasets(cfg.data.val_files, cfg.data.image_dir, cfg.eval.max_prompts)
     check_loggers(cfg)
     RewardManager(cfg.reward)  # a verifier that cannot be built (e.g. a judge without its API key) fails here
@@ -239,6 +240,13 @@ class GRPOTrainer:
                   f"{baseline['probe/mean_abs_logprob_diff']:.2e} (worst of {baseline['probe/num_engines']:.0f} "
                   "engine(s))", flush=True)
             self.logger.log_event("probe", self.step, baseline)
+        if cfg.eval_before_train and self.step == 0:
+            timer = PhaseTimer()
+            with timer("eval"):
+                before = self.evaluate(0)
+            print("evaluation before training: " + ", ".join(f"{k[len('eval/'):]} {v:.3f}" for k, v in sorted(before.items())),
+                  flush=True)
+            self.logger.log_event("eval", 0, {**before, **timer.metrics()}, everywhere=True)
         for step in range(self.step + 1, cfg.total_steps + 1):
             timer = PhaseTimer()
             with timer("step"):
@@ -293,7 +301,8 @@ class GRPOTrainer:
         return collection
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Avg@k and pass@k per data_source on data.val_files (eval.*), under <output_dir>/eval/step_N."""
+        """Avg@k and pass@k per data_source on data.val_files (eval.*), under <output_dir>/eval/step_N (step 0: the
+        starting model, trainer.eval_before_train)."""
         output_dir = self.run_dir / "eval" / f"step_{step:08d}"
         result = self.workers.evaluate(str(output_dir), step)
         self.logger.log_generations(step, result.get("generations", []))

@@ -103,8 +103,16 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
-    def log_event(self, event: str, step: int, metrics: dict[str, float]) -> None:
-        """A record outside the step series (e.g. the parity probe before the first step): jsonl only."""
+    def log_event(self, event: str, step: int, metrics: dict[str, float], *, everywhere: bool = False) -> None:
+        """A record outside the step series (e.g. the parity probe before the first step): jsonl only, or with
+        everywhere=True (the evaluation before training, at step 0) also TensorBoard and wandb."""
+        if everywhere and self._tensorboard is not None:
+            for key, value in sorted(metrics.items()):
+                if math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, global_step=step)
+            self._tensorboard.flush()
+        if everywhere and self._wandb is not None:
+            self._wandb.log(metrics, step=step)
         if "jsonl" in self.sinks:
             record = {"event": event, "step": step, "time": time.time(),
                       **{k: _json_value(v) for k, v in sorted(metrics.items())}}
@@ -249,8 +257,9 @@ def summary_lines(records: list[dict], metrics_path: Path, checkpoint: Path | No
         f"{_mean(trained, 'actor/grad_norm'):.3f}, entropy {_mean(trained, 'actor/entropy'):.3f}",
         f"weight sync: {_mean(trained, 'weights/sync_s'):.2f} s per sync, {_mean(trained, 'weights/sync_gb'):.3f} GB",
     ]
-    for key in sorted({k for r in steps for k in r if k.startswith("eval/")}):
-        lines.append(f"{key}: " + " ".join(f"{r[key]:.3f} (step {r['step']})" for r in steps
+    evaluated = [r for r in records if "event" not in r or r["event"] == "eval"]  # eval_before_train: step 0
+    for key in sorted({k for r in evaluated for k in r if k.startswith("eval/")}):
+        lines.append(f"{key}: " + " ".join(f"{r[key]:.3f} (step {r['step']})" for r in evaluated
                                             if r.get(key) is not None))
     probes = [r for r in records if r.get("probe/mean_abs_logprob_diff") is not None]
     if probes:

@@ -92,7 +92,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir}: no metrics.jsonl (a run written with 'jsonl' in trainer.loggers)")
-    records = [r for r in read_metrics(path) if "event" not in r]
+    # the steps, and the evaluation before training (trainer.eval_before_train: an "eval" event at step 0)
+    records = [r for r in read_metrics(path) if "event" not in r or r["event"] == "eval"]
     if not records:
         raise ValueError(f"{path}: no step was logged yet")
     panels = SFT_PANELS if any(k.startswith("sft/") for k in records[0]) else GRPO_PANELS

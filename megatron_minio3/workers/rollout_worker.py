@@ -188,12 +188,13 @@ class RolloutRuntime:
 
     def evaluate(self, output_dir: str, step: int) -> dict:
         """Avg@k on data.val_files with the current weights (trainer/eval.py), written under output_dir; `step`
-        (1-based) is the training step just done."""
+        (1-based) is the training step just done (0: before training; verifier schedules and sampling seeds then
+        as at the first step)."""
         from megatron_minio3.trainer.eval import evaluate
 
         cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, output_dir=output_dir))
         with self._phase():
-            return evaluate(cfg, engines=self.engines, step=step - 1, total_steps=cfg.trainer.total_steps)
+            return evaluate(cfg, engines=self.engines, step=max(step - 1, 0), total_steps=cfg.trainer.total_steps)
 
     def sleep(self, level: int) -> None:
         """Free the engines' accelerator memory (rollout.enable_sleep_mode; a no-op where unsupported):

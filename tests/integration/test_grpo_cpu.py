@@ -97,6 +97,7 @@ def test_config_error_stops_the_command_line_before_any_worker(tiny_hf_dir, data
         ("rollout.temperature=0", "rollout.temperature must be > 0 for training"),
         ("reward.verifiers={synthetic_visual_search: nope}", "is not a verifier"),
         ("trainer.eval_every=2", "trainer.eval_every is set but data.val_files is empty"),
+        ("trainer.eval_before_train=true", "trainer.eval_before_train is set but data.val_files is empty"),
         ("weights.bucket_mb=1024", "weights.bucket_mb (1024) must not exceed rollout.weight_bucket_mb"),
         # the layout against the model, on any machine (the launch plan's structure checks)
         ("parallel.tp=3", "parallel.tp=3 does not divide the model's num_attention_heads=4"),

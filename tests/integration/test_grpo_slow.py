@@ -119,7 +119,7 @@ def test_reward_rises_when_the_signal_is_learnable(tiny_hf_dir, tmp_path):
     settings = {"trainer.total_steps": 12, "trainer.train_batch_size": 4, "actor.ppo_mini_batch_size": 2,
                 "trainer.save_every": 0, "rollout.max_turns": 3, "weights.probe_every": 4,
                 "trainer.eval_every": 6, "data.val_files": f"[{path}]", "eval.k": 2, "eval.max_prompts": 4,
-                "eval.max_turns": 3, "trainer.log_val_generations": 3}
+                "eval.max_turns": 3, "trainer.log_val_generations": 3, "trainer.eval_before_train": True}
     run_grpo(overrides(tiny_hf_dir, path, out, **settings), tmp_path / "run.log")
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
     rewards = [r["reward/mean"] for r in steps]
@@ -131,6 +131,10 @@ def test_reward_rises_when_the_signal_is_learnable(tiny_hf_dir, tmp_path):
     assert (out / "eval" / "step_00000012" / "metrics.json").is_file()
     # the same 3 sampled validation generations logged at each evaluation (trainer.log_val_generations)
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert [g["step"] for g in generations] == [6, 6, 6, 12, 12, 12]
-    assert [g["uid"] for g in generations[:3]] == [g["uid"] for g in generations[3:]]
+    assert [g["step"] for g in generations] == [0, 0, 0, 6, 6, 6, 12, 12, 12]
+    assert [g["uid"] for g in generations[:3]] == [g["uid"] for g in generations[3:6]] == [g["uid"] for g in generations[6:]]
+    # trainer.eval_before_train: the starting model evaluated at step 0, as an event beside the step series
+    (before,) = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "eval"]
+    assert before["step"] == 0 and before["eval/all/avg@2"] < evals[-1][1]
+    assert (out / "eval" / "step_00000000" / "metrics.json").is_file()
     assert all(g["response"] and g["ground_truth"] == "A" for g in generations)

@@ -34,10 +34,15 @@ def test_tensorboard_events_are_read_by_tensorboard_and_a_resume_replaces_the_st
     logger.log(3, {"reward/mean": 0.9, "reward/src/mean": 0.8})
     logger.log(4, {"reward/mean": 1.0, "reward/src/mean": 1.0})
     logger.close()
+    logger = MetricsLogger(cfg, tmp_path, resume_step=4)
+    logger.log_event("probe", 4, {"probe/mean_abs_logprob_diff": 1e-7})  # jsonl only (none configured here)
+    logger.log_event("eval", 4, {"eval/all/avg@4": 0.5}, everywhere=True)  # also TensorBoard
+    logger.close()
     accumulator = _accumulator(tmp_path / "tensorboard")
-    assert set(accumulator.Tags()["scalars"]) == {"reward/mean", "reward/src/mean"}  # NaN (actor/loss) left out
+    assert set(accumulator.Tags()["scalars"]) == {"reward/mean", "reward/src/mean", "eval/all/avg@4"}  # no NaN loss
     series = [(e.step, round(e.value, 6)) for e in accumulator.Scalars("reward/mean")]
     assert series == [(1, 0.1), (2, 0.2), (3, 0.9), (4, 1.0)]
+    assert [(e.step, e.value) for e in accumulator.Scalars("eval/all/avg@4")] == [(4, 0.5)]
     assert not (tmp_path / "metrics.jsonl").exists()  # only the configured sinks
 
 
@@ -86,6 +91,8 @@ def test_unknown_logger_and_generations_without_evaluation_are_refused():
     cfg.trainer.log_val_generations = 4
     with pytest.raises(ValueError, match="log_val_generations.*eval_every"):
         cfg.trainer.validate()
+    cfg.trainer.eval_before_train = True  # an evaluation to sample from
+    cfg.trainer.validate()
 
 
 def _summary(source: str, turns: int, calls: int, errors: int, exceed: bool, void: bool, tokens: int):
