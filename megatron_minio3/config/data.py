@@ -13,6 +13,8 @@ IMAGE_MARKER = "<image>"  # where an image goes, in data files and templates
 RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos")  # data.image_resample / crop_resample (PIL filters)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+TEMPLATE_KEYS = ("system_prompt", "user_template", "observation_template", "error_template", "turn_prefix",
+                 "turn_suffix")
 
 DEFAULT_USER_TEMPLATE = (
     "{question}\n\n"
@@ -57,6 +59,10 @@ class DataConfig:
     error_template: str = DEFAULT_ERROR_TEMPLATE  # {error}
     turn_prefix: str = "<|im_end|>\n<|im_start|>user\n"
     turn_suffix: str = "<|im_end|>\n<|im_start|>assistant\n"
+    # Any of the templates above from a file instead ({user_template: prompts/user.txt}; paths relative to the
+    # working directory): load_config reads each file (its text exactly, less one final newline) into the
+    # template and empties this map, so the loaded config, and every checkpoint's config.yaml, holds the text.
+    template_files: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.min_pixels < 1:
@@ -67,7 +73,28 @@ class DataConfig:
             if getattr(self, key) not in RESAMPLE_NAMES:
                 raise ValueError(f"data.{key}: unknown resample filter {getattr(self, key)!r}; choose one of "
                                  f"{sorted(RESAMPLE_NAMES)}")
+        if self.template_files:
+            raise ValueError("data.template_files: not read (load_config reads them; call read_template_files)")
         validate_templates(self)
+
+
+def read_template_files(cfg: DataConfig) -> None:
+    """Replace each template named in cfg.template_files by its file's text (less one final newline, which
+    editors add); ValueError naming the key and the file at fault."""
+    for key, path in sorted(cfg.template_files.items()):
+        if key not in TEMPLATE_KEYS:
+            raise ValueError(f"data.template_files: unknown template {key!r}; choose from {', '.join(TEMPLATE_KEYS)}")
+        try:
+            with open(path, encoding="utf-8", newline="") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"data.template_files.{key}: cannot read {path}: {err}") from None
+        for ending in ("\r\n", "\n"):  # one final line end, as an editor saves it
+            if text.endswith(ending):
+                text = text[: -len(ending)]
+                break
+        setattr(cfg, key, text)
+    cfg.template_files = {}
 
 
 # The templates filled in (pure string functions; data/templates.py is their public home).

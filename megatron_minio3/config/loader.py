@@ -22,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from megatron_minio3.config.data import read_template_files
 from megatron_minio3.config.schema import Config
 
 
@@ -272,6 +273,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         _build(Config, {key.split(".")[0]: tree[key.split(".")[0]]}, "", f"command line ({text})")
     cfg = _build(Config, tree, "", "config")
     try:
+        read_template_files(cfg.data)
         _validate_tree(cfg)
     except ConfigError:
         raise
