@@ -26,6 +26,9 @@ class RolloutConfig:
     max_turns: int = 6
     max_images: int = 12  # images in a trajectory, the prompt's own images included
     max_tokens_per_turn: int = 2048
+    # A prompt longer than this (tokens of the first prompt, image tokens included) is skipped and counted
+    # (rollout/skipped_prompt_too_long), as the seed's data.max_prompt_length filters; 0 = only the total budget.
+    max_prompt_tokens: int = 0
     # Whole trajectory (prompt + every turn); also the engine's max_model_len.
     max_total_tokens: int = 32768
     # An observation or error turn that would leave fewer than this many tokens of the budget is rolled
@@ -65,6 +68,7 @@ class RolloutConfig:
             _at_least("rollout", name, getattr(self, name), 1)
         _at_least("rollout", "context_reserve_tokens", self.context_reserve_tokens, 1)
         _at_least("rollout", "kv_cache_memory_mb", self.kv_cache_memory_mb, 0)
+        _at_least("rollout", "max_prompt_tokens", self.max_prompt_tokens, 0)
         if self.context_reserve_tokens >= self.max_total_tokens:
             raise ValueError(
                 f"rollout.context_reserve_tokens ({self.context_reserve_tokens}) must be below rollout.max_total_tokens "

@@ -95,6 +95,7 @@ class LoopLimits:
     stop: tuple[str, ...]
     relative_coordinates: bool
     guided_regex: str = ""
+    max_prompt_tokens: int = 0  # 0: only the total budget
 
     @classmethod
     def for_training(cls, cfg: RolloutConfig) -> LoopLimits:
@@ -107,6 +108,7 @@ class LoopLimits:
             stop=tuple(cfg.stop),
             relative_coordinates=cfg.relative_coordinates,
             guided_regex=cfg.guided_regex,
+            max_prompt_tokens=cfg.max_prompt_tokens,
         )
 
     @classmethod
@@ -446,6 +448,9 @@ class AgentLoop:
         room = self.limits.max_total_tokens - self.limits.context_reserve_tokens
         if len(expanded) > room:
             raise _SkipPrompt("prompt_too_long", f"{len(expanded)} prompt tokens, the budget leaves {room}")
+        if self.limits.max_prompt_tokens and len(expanded) > self.limits.max_prompt_tokens:
+            raise _SkipPrompt("prompt_too_long", f"{len(expanded)} prompt tokens, more than rollout.max_prompt_tokens "
+                                                 f"= {self.limits.max_prompt_tokens}")
         return _PreparedPrompt(prompt=prompt, images=images, compact_ids=compact, expanded_ids=expanded)
 
     async def _prepare_or_skip(self, prompt: Prompt, skipped: list[SkippedPrompt]) -> _PreparedPrompt | None:

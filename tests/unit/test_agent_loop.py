@@ -103,6 +103,19 @@ def check(traj, tokenizer):
     validate_trajectory(traj, image_pad_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"))
 
 
+def test_prompts_over_max_prompt_tokens_are_skipped_and_counted(tokenizer, vision, image_file):
+    engine = ScriptedEngine(tokenizer, lambda r, t: (ANSWER, "stop"))
+    loop = make_loop(tokenizer, vision, [engine])
+    length = len(loop._prepare(prompt_for(image_file)).expanded_ids)  # the prompt, image tokens included
+    for limit, skipped in ((length, False), (length - 1, True)):
+        loop.limits = dataclasses.replace(loop.limits, max_prompt_tokens=limit)
+        batch = run(loop, [prompt_for(image_file)], n=2)
+        assert [s.reason for s in batch.skipped] == (["prompt_too_long"] if skipped else [])
+        assert len(batch.trajectories) == (0 if skipped else 2)
+    assert f"{length} prompt tokens, more than rollout.max_prompt_tokens = {length - 1}" in batch.skipped[0].detail
+    assert batch.metrics()["rollout/skipped_prompt_too_long"] == 1.0
+
+
 def test_direct_answer(tokenizer, vision, image_file):
     engine = ScriptedEngine(tokenizer, lambda r, t: (ANSWER, "stop"))
     batch = run(make_loop(tokenizer, vision, [engine]), [prompt_for(image_file)], n=3)
