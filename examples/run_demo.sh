@@ -8,7 +8,9 @@
 #   3. evaluation after SFT                                   outputs/demo/eval/sft
 #   4. GRPO from the SFT model, free generation (no decoding constraint)
 #   5. evaluation after GRPO                                  outputs/demo/eval/grpo
-# and a table of accuracy per difficulty at each stage plus the curves (outputs/demo/report/{report.md,curves.png}).
+# and a table of accuracy per difficulty at each stage plus the curves (outputs/demo/report/{report.md,curves.png},
+# sft_curves.png and grpo_curves.png: tools/plot_run.py) and the evaluation trajectories as web pages
+# (outputs/demo/report/trajectories_*.html: tools/view_trajectories.py).
 # Every stage is skipped when its output exists: a second run only prints the report (rm -rf outputs/demo to start
 # over). Settings: configs/demo_cpu.yaml; extra key=value arguments go to every stage (e.g. trainer.total_steps=12).
 set -euo pipefail
@@ -36,7 +38,7 @@ done
 if [ ! -f "$OUT/data/sft/oracle.json" ]; then
   stage "oracle trajectories for SFT"
   "$PYTHON" -m megatron_minio3.data.oracle --tasks "$OUT/data/sft/visual_search.json" --out "$OUT/data/sft" --config "$CONFIG" \
-    --perception-share 1.0
+    --perception-share 0.5
 fi
 evaluate() {  # evaluate NAME MODEL
   if [ ! -f "$OUT/eval/$1/metrics.json" ]; then
@@ -68,4 +70,10 @@ stage "report"
 "$PYTHON" -m megatron_minio3.trainer.report --stage "before SFT=$OUT/eval/before" --stage "after SFT=$OUT/eval/sft" \
   --stage "after GRPO=$OUT/eval/grpo" --sft-metrics "$OUT/sft/metrics.jsonl" --grpo-metrics "$OUT/grpo/metrics.jsonl" \
   --out "$OUT/report"
+"$PYTHON" tools/plot_run.py "$OUT/sft" -o "$OUT/report/sft_curves.png"
+"$PYTHON" tools/plot_run.py "$OUT/grpo" -o "$OUT/report/grpo_curves.png"
+for name in before sft grpo; do
+  "$PYTHON" tools/view_trajectories.py "$OUT/eval/$name" -o "$OUT/report/trajectories_$name.html" --quiet
+done
+echo "== trajectories: open $OUT/report/trajectories_{before,sft,grpo}.html in a browser; TensorBoard: $OUT/grpo/tensorboard"
 echo "== finished in $(( $(date +%s) - started )) s (trajectories: $OUT/eval/*/trajectories.jsonl)"
