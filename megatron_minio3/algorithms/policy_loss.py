@@ -3,10 +3,10 @@
 Per token t with ratio rho_t = exp(logprobs_t - old_logprobs_t) and advantage A_t:
     l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - clip_low, 1 + clip_high))
           - entropy_coef * H_t + kl_coef * KL_t
-Aggregation over the loss tokens of a mini-batch (M = loss tokens, S = sequences with >= 1 loss token,
-n_s = loss tokens of sequence s):
+Aggregation over the loss tokens of a mini-batch (M = loss tokens, n_s = loss tokens of sequence s, S = the
+sequences with >= 1 loss token, or every sequence of the mini-batch with algorithm.seq_mean_denominator=all):
     token-mean:           sum_t l_t / M
-    seq-mean-token-mean:  sum_s (sum_{t in s} l_t / n_s) / S          (Mini-o3 / verl default)
+    seq-mean-token-mean:  sum_s (sum_{t in s} l_t / n_s) / S          (Mini-o3: with S = every sequence)
     seq-mean-token-sum:   sum_s (sum_{t in s} l_t) / S
 Every mode is a weighted sum sum_t w_t l_t with w_t depending only on M, S and n_s, so a mini-batch split into
 micro-batches (and ranks) gives the same summed loss and gradients when the global M and S are passed in and
@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from megatron_minio3.algorithms.kl import MAX_ABS_LOG_RATIO, kl_penalty
-from megatron_minio3.config.algorithm import LOSS_AGG_MODES
+from megatron_minio3.config.algorithm import LOSS_AGG_MODES, SEQ_MEAN_DENOMINATORS
 
 
 @dataclass(frozen=True)
 class LossCounts:
-    """Normalisers of the loss: loss tokens and sequences with at least one loss token."""
+    """Normalisers of the loss: loss tokens (M) and the sequences the seq-mean modes divide by (S: those with at
+    least one loss token, or every sequence with seq_mean_denominator="all")."""
 
     num_tokens: int
     num_seqs: int
@@ -67,12 +68,19 @@ def _flat_seq_index(loss_mask: Tensor, seq_ids: Tensor | None, need_seqs: bool) 
     return torch.unique(seq_ids.reshape(-1), return_inverse=True)[1]
 
 
-def count_loss_tokens_and_seqs(loss_mask: Tensor, seq_ids: Tensor | None = None) -> LossCounts:
-    """Local normalisers; sum them over micro-batches and ranks to get the global ones."""
+def count_loss_tokens_and_seqs(
+    loss_mask: Tensor, seq_ids: Tensor | None = None, *, seq_mean_denominator: str = "with_loss_tokens"
+) -> LossCounts:
+    """Local normalisers; sum them over micro-batches and ranks to get the global ones. `seq_mean_denominator`:
+    "with_loss_tokens" counts the sequences with a loss token, "all" every sequence (row, or distinct seq id)."""
+    if seq_mean_denominator not in SEQ_MEAN_DENOMINATORS:
+        raise ValueError(f"unknown seq_mean_denominator {seq_mean_denominator!r}; expected one of "
+                         f"{SEQ_MEAN_DENOMINATORS}")
     mask_T = _as_bool_mask(loss_mask).reshape(-1)
     seq_index_T = _flat_seq_index(loss_mask, seq_ids, need_seqs=True)
     tokens_per_seq_S = torch.bincount(seq_index_T, weights=mask_T.to(torch.float64))
-    return LossCounts(num_tokens=int(mask_T.sum().item()), num_seqs=int((tokens_per_seq_S > 0).sum().item()))
+    counted_S = tokens_per_seq_S >= 0 if seq_mean_denominator == "all" else tokens_per_seq_S > 0
+    return LossCounts(num_tokens=int(mask_T.sum().item()), num_seqs=int(counted_S.sum().item()))
 
 
 def _as_bool_mask(loss_mask: Tensor) -> Tensor:
@@ -135,8 +143,9 @@ def policy_loss(
 
     All per-token inputs share one shape: [B, L] (one sequence per row unless `seq_ids` says otherwise) or a
     flat packed [T] stream with `seq_ids` [T]. Values off the loss mask are ignored (they may be NaN).
-    `global_num_tokens` / `global_num_seqs` are the mini-batch's loss-token / loss-sequence counts over all
-    micro-batches and ranks (`count_loss_tokens_and_seqs` summed); left None they default to this call's own.
+    `global_num_tokens` / `global_num_seqs` are the mini-batch's M and S over all micro-batches and ranks
+    (`count_loss_tokens_and_seqs` summed; S may count sequences without loss tokens, seq_mean_denominator="all");
+    left None they default to this call's own loss tokens and sequences with a loss token.
     """
     per_token_inputs = {"old_logprobs": old_logprobs, "advantages": advantages, "loss_mask": loss_mask}
     if entropy is not None:

@@ -10,8 +10,10 @@ from typing import Literal, get_args
 
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 KLEstimator = Literal["k1", "k3", "mse"]
+SeqMeanDenominator = Literal["with_loss_tokens", "all"]
 LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+SEQ_MEAN_DENOMINATORS: tuple[str, ...] = get_args(SeqMeanDenominator)
 
 
 @dataclass
@@ -24,6 +26,12 @@ class AlgorithmConfig:
     clip_ratio_high: float = 0.3
     # How per-token losses become the mini-batch loss (see docs/algorithms.md).
     loss_agg_mode: LossAggMode = "seq-mean-token-mean"
+    # The sequence count S that the seq-mean-* modes divide by: with_loss_tokens counts the sequences of the
+    # mini-batch that have at least one loss token; all counts every sequence of the mini-batch, over-turn-masked
+    # (ignore_exceed) and empty ones included, as the original does (verl with ppo_micro_batch_size_per_gpu=1).
+    # With a share f of sequences without loss tokens, `all` scales the gradient by (1 - f). token-mean divides
+    # by loss tokens either way (docs/algorithms.md).
+    seq_mean_denominator: SeqMeanDenominator = "with_loss_tokens"
     # KL penalty to the reference model, added to the per-token loss; 0 disables it (the recipe).
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
@@ -44,6 +52,9 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.clip_ratio_high must be >= 0, got {self.clip_ratio_high}")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"algorithm.loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.seq_mean_denominator not in SEQ_MEAN_DENOMINATORS:
+            raise ValueError(f"algorithm.seq_mean_denominator must be one of {SEQ_MEAN_DENOMINATORS}, got "
+                             f"{self.seq_mean_denominator!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"algorithm.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.kl_coef < 0 or self.entropy_coef < 0:

@@ -156,13 +156,23 @@ class TrainerConfig:
     dump_rollouts_every: int = 0
     # With evaluation (eval_every): this many of its generations (a fixed sample) go to the loggers as text
     log_val_generations: int = 0
-    # Dynamic sampling: generation rounds (train_batch_size prompts each) until train_batch_size groups with a
-    # learning signal are collected; after this many rounds the step trains on the groups it has.
-    max_generation_rounds: int = 4
+    # Dynamic sampling (algorithm.dynamic_sampling; the seed's trainer.rejection_sample): generation rounds run until
+    # train_batch_size groups with a learning signal are kept. After max_generation_rounds rounds the step trains on
+    # the groups it has and logs a warning naming this key (the seed stops with an error after
+    # algorithm.max_num_gen_batches, 256 by default).
+    max_generation_rounds: int = 16
+    # A round draws int(train_batch_size * prompts_per_round_multiplier) prompts (the seed's
+    # trainer.rejection_sample_multiplier); groups beyond a full batch are discarded.
+    prompts_per_round_multiplier: float = 1.0
     # hybrid: the vLLM engines live in the actor's process (one actor rank; the CPU default);
     # separate: num_rollout_workers Ray actors hold the engines and receive weights over a broadcast group.
     rollout_placement: Literal["hybrid", "separate"] = "hybrid"
     num_rollout_workers: int = 1
+
+    @property
+    def prompts_per_round(self) -> int:
+        """Prompts one generation round draws (the seed: int(train_batch_size * rejection_sample_multiplier))."""
+        return int(self.train_batch_size * self.prompts_per_round_multiplier)
 
     def validate(self) -> None:
         if self.total_steps < 1 or self.train_batch_size < 1:
@@ -176,6 +186,10 @@ class TrainerConfig:
         for name in ("max_generation_rounds", "num_rollout_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.prompts_per_round_multiplier > 0 or self.prompts_per_round < 1:
+            raise ValueError(f"trainer.prompts_per_round_multiplier must make at least one prompt per generation round "
+                             f"(int(train_batch_size {self.train_batch_size} * multiplier) >= 1), got "
+                             f"{self.prompts_per_round_multiplier}")
         resume_target(self.resume)  # ValueError naming the forms it takes
         unknown = sorted(set(self.loggers) - {"console", "jsonl", "tensorboard", "wandb"})
         if unknown:
@@ -240,6 +254,12 @@ class Config:
         if self.ref.enabled == "false" and self.algorithm.kl_coef > 0:
             raise ValueError(f"algorithm.kl_coef={self.algorithm.kl_coef} needs the reference model: set "
                              "ref.enabled=auto (or true)")
+        if not self.algorithm.dynamic_sampling:
+            defaults = TrainerConfig()
+            for name in ("max_generation_rounds", "prompts_per_round_multiplier"):
+                if getattr(self.trainer, name) != getattr(defaults, name):
+                    raise ValueError(f"trainer.{name} applies to dynamic sampling (algorithm.dynamic_sampling=true); "
+                                     "without it a step makes one generation round of train_batch_size prompts")
         if self.trainer.rollout_placement == "hybrid" and self.trainer.num_rollout_workers != 1:
             raise ValueError("trainer.num_rollout_workers applies to trainer.rollout_placement=separate; with hybrid "
                              "the engines live in the actor ranks (rollout data parallelism = ranks / "

@@ -104,11 +104,15 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
             f"cannot feed parallel.dp = {cfg.parallel.dp} ranks"
         )
     handles = num_rollout_handles(cfg)
-    if cfg.trainer.train_batch_size < handles:
+    if cfg.trainer.prompts_per_round < handles:
+        multiplier = cfg.trainer.prompts_per_round_multiplier
+        per_round = f"trainer.train_batch_size={cfg.trainer.train_batch_size}" if multiplier == 1 else (
+            f"{cfg.trainer.prompts_per_round} (trainer.train_batch_size={cfg.trainer.train_batch_size} x "
+            f"trainer.prompts_per_round_multiplier={multiplier:g})")
         raise ValueError(
-            f"trainer.train_batch_size={cfg.trainer.train_batch_size} prompts per generation round cannot feed the "
-            f"run's {handles} rollout handles ({_handles_origin(cfg)}): some engines would never generate; raise "
-            f"trainer.train_batch_size to at least {handles}"
+            f"{per_round} prompts per generation round cannot feed the run's {handles} rollout handles "
+            f"({_handles_origin(cfg)}): some engines would never generate; raise trainer.train_batch_size so that a "
+            f"round has at least {handles} prompts"
         )
     if cfg.trainer.eval_every or cfg.trainer.eval_before_train:
         if not cfg.data.val_files:
@@ -254,7 +258,8 @@ class GRPOTrainer:
                 metrics = collection.metrics()
                 if collection.kept:
                     step_plan = plan_step(collection.kept, self.cfg.actor.ppo_mini_batch_size,
-                                          self.cfg.actor.packing, self.cfg.parallel)
+                                          self.cfg.actor.packing, self.cfg.parallel,
+                                          seq_mean_denominator=self.cfg.algorithm.seq_mean_denominator)
                     logger.info("step %d: %d sequences in %d mini-batch(es)", step, step_plan.num_sequences,
                                 len(step_plan.mini_batches))
                     with timer("train"):
@@ -281,23 +286,20 @@ class GRPOTrainer:
                                                                           self.plan.checkpoints.latest())), flush=True)
 
     def collect(self, step: int, timer: PhaseTimer) -> Collection:
-        """Generation rounds until train_batch_size groups with a learning signal (dynamic sampling)."""
-        from megatron_minio3.trainer.step_plan import Collection
-
-        cfg = self.cfg
-        batch_size = cfg.trainer.train_batch_size
-        max_rounds = cfg.trainer.max_generation_rounds if cfg.algorithm.dynamic_sampling else 1
-        collection = Collection(batch_size)
-        while not collection.full and collection.num_rounds < max_rounds:
-            logger.info("step %d: generation round %d: %d prompts x %d samples (%d of %d groups kept so far)",
-                        step, collection.num_rounds + 1, batch_size, cfg.rollout.n, len(collection.kept), batch_size)
+        """Generation rounds until train_batch_size groups with a learning signal are kept (dynamic sampling), at
+        most trainer.max_generation_rounds of them."""
+        cfg, dynamic = self.cfg.trainer, self.cfg.algorithm.dynamic_sampling
+        collection = Collection(cfg.train_batch_size, cfg.max_generation_rounds if dynamic else 1)
+        while collection.needs_another_round:
+            logger.info("step %d: generation round %d: %d prompts x %d samples (%d of %d groups kept so far)", step,
+                        collection.num_rounds + 1, cfg.prompts_per_round, self.cfg.rollout.n, len(collection.kept),
+                        cfg.train_batch_size)
             with timer("generate"):
-                collection.add_round(self.workers.generate_round(self.sampler.next(batch_size), step,
+                collection.add_round(self.workers.generate_round(self.sampler.next(cfg.prompts_per_round), step,
                                                                  collection.num_rounds))
         check_rewards_available(collection, step)
         if not collection.full:
-            logger.warning("step %d: %d of %d groups with a learning signal after %d generation round(s); training on "
-                           "those", step, len(collection.kept), batch_size, collection.num_rounds)
+            logger.warning(collection.shortfall_warning(step, dynamic))
         return collection
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -70,9 +70,11 @@ class RoundSummary:
 
 @dataclass
 class Collection:
-    """The generation rounds of one step: groups are kept in arrival order until `batch_size` are."""
+    """The generation rounds of one step: groups are kept in arrival order until `batch_size` are (the batch is
+    full), for at most `max_rounds` rounds (trainer.max_generation_rounds with dynamic sampling, else 1)."""
 
     batch_size: int
+    max_rounds: int = 1
     kept: list[GroupSummary] = field(default_factory=list)
     samples: list[SampleSummary] = field(default_factory=list)  # every generated sample, kept or not
     skipped_reasons: list[str] = field(default_factory=list)
@@ -86,6 +88,25 @@ class Collection:
     @property
     def full(self) -> bool:
         return len(self.kept) >= self.batch_size
+
+    @property
+    def needs_another_round(self) -> bool:
+        return not self.full and self.num_rounds < self.max_rounds
+
+    def shortfall_warning(self, step: int, dynamic_sampling: bool) -> str:
+        """What a step that trains on less than a full batch logs ("" when the batch is full)."""
+        if self.full:
+            return ""
+        dropped = (f"{self.dropped['no_reward_spread']} without reward spread, "
+                   f"{self.dropped['reward_failed']} with a reward failure")
+        have = (f"{len(self.kept)} of the {self.batch_size} groups of trainer.train_batch_size kept "
+                f"({self.num_groups} generated: {dropped})")
+        if not dynamic_sampling:
+            return (f"step {step}: {have} in the one generation round of a step without dynamic sampling; "
+                    f"training on those {len(self.kept)}")
+        return (f"step {step}: the batch is not full after trainer.max_generation_rounds={self.max_rounds} generation "
+                f"round(s): {have}; training on those {len(self.kept)}. Raise trainer.max_generation_rounds (or "
+                "trainer.prompts_per_round_multiplier) to keep generating until the batch is full")
 
     def add_round(self, per_handle: Sequence[RoundSummary]) -> None:
         self.num_rounds += 1
@@ -154,11 +175,20 @@ class StepPlan:
         return sum(mb.loss_counts.num_tokens for mb in self.mini_batches)
 
 
+def mini_batch_loss_counts(samples: Sequence[SampleSummary], seq_mean_denominator: str) -> LossCounts:
+    """M and S of a mini-batch (algorithm.seq_mean_denominator: S counts the sequences with a loss token, or all)."""
+    with_loss = sum(s.num_loss_tokens > 0 for s in samples)
+    return LossCounts(num_tokens=sum(s.num_loss_tokens for s in samples),
+                      num_seqs=len(samples) if seq_mean_denominator == "all" else with_loss)
+
+
 def plan_step(
-    groups: Sequence[GroupSummary], groups_per_mini_batch: int, packing: PackingConfig, parallel: ParallelConfig
+    groups: Sequence[GroupSummary], groups_per_mini_batch: int, packing: PackingConfig, parallel: ParallelConfig,
+    *, seq_mean_denominator: str = "with_loss_tokens",
 ) -> StepPlan:
     """Mini-batch j holds the samples of groups [j*m, (j+1)*m) (m = groups_per_mini_batch; the last may be
-    smaller), balanced over the data-parallel ranks by workload (packing.balance_data_parallel)."""
+    smaller), balanced over the data-parallel ranks by workload (packing.balance_data_parallel), with its loss
+    counts (mini_batch_loss_counts)."""
     if groups_per_mini_batch < 1:
         raise ValueError(f"groups_per_mini_batch must be >= 1, got {groups_per_mini_batch}")
     mini_batches = []
@@ -174,8 +204,6 @@ def plan_step(
         shares = balance_data_parallel(
             [s.length for s in samples], packing, dp_size=parallel.dp, tp_size=parallel.tp, cp_size=parallel.cp
         )
-        counts = LossCounts(
-            num_tokens=sum(s.num_loss_tokens for s in samples), num_seqs=sum(s.num_loss_tokens > 0 for s in samples)
-        )
+        counts = mini_batch_loss_counts(samples, seq_mean_denominator)
         mini_batches.append(MiniBatchPlan(tuple(tuple(keys[i] for i in share) for share in shares), counts))
     return StepPlan(tuple(mini_batches))

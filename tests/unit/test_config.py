@@ -21,6 +21,9 @@ def test_recipe_values_in_the_7b_config():
     assert (cfg.algorithm.clip_ratio_low, cfg.algorithm.clip_ratio_high) == (0.2, 0.3)
     assert cfg.algorithm.kl_coef == 0 and not cfg.use_reference_model
     assert (cfg.rollout.max_turns, cfg.eval.max_turns, cfg.rollout.max_images) == (6, 12, 12)
+    # the seed's loss scale (verl token-mean over one-sequence micro-batches) and rejection sampling
+    assert (cfg.algorithm.loss_agg_mode, cfg.algorithm.seq_mean_denominator) == ("seq-mean-token-mean", "all")
+    assert cfg.algorithm.dynamic_sampling and cfg.trainer.prompts_per_round == 256
 
 
 def test_defaults_inherit_and_overrides_win():
@@ -93,11 +96,29 @@ def test_value_checks_across_sections():
      "nothing would be trained"),
     (["trainer.num_rollout_workers=2"], "trainer.num_rollout_workers applies to trainer.rollout_placement=separate"),
     (["weights.probe_num_prompts=0"], "weights.probe_num_prompts must be >= 1 when weights.probe_every > 0"),
+    (["algorithm.dynamic_sampling=false", "trainer.max_generation_rounds=8"],
+     "trainer.max_generation_rounds applies to dynamic sampling"),
+    (["algorithm.dynamic_sampling=false", "trainer.prompts_per_round_multiplier=2"],
+     "trainer.prompts_per_round_multiplier applies to dynamic sampling"),
 ])
 def test_keys_that_would_be_ignored_are_refused(overrides, message):
     """A key is either acted on or refused where it cannot apply; never accepted and ignored."""
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_generation_rounds_and_prompts_per_round():
+    cfg = load_config(None, ["trainer.train_batch_size=256", "actor.ppo_mini_batch_size=32",
+                             "trainer.prompts_per_round_multiplier=1.5"])
+    assert cfg.trainer.prompts_per_round == 384 and cfg.trainer.max_generation_rounds == 16
+    assert load_config(None, ["trainer.train_batch_size=3", "actor.ppo_mini_batch_size=1",
+                              "trainer.prompts_per_round_multiplier=0.5"]).trainer.prompts_per_round == 1  # int()
+    with pytest.raises(ConfigError, match="prompts_per_round_multiplier must make at least one prompt"):
+        load_config(None, ["trainer.train_batch_size=2", "actor.ppo_mini_batch_size=1",
+                           "trainer.prompts_per_round_multiplier=0.25"])
+    with pytest.raises(ConfigError, match="algorithm.seq_mean_denominator' expects one of 'with_loss_tokens', 'all'"):
+        load_config(None, ["algorithm.seq_mean_denominator=trained"])
+    assert load_config(None, ["algorithm.seq_mean_denominator=all"]).algorithm.seq_mean_denominator == "all"
 
 
 def test_yaml_booleans_select_literal_options(tmp_path):

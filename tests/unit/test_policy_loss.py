@@ -144,6 +144,89 @@ def test_exceeded_rows_are_out_of_the_loss(agg_mode):
     assert (logprobs4.grad[3] == 0).all()
 
 
+def exceeded_and_empty_batch():
+    """Rows: A (adv +1, 2 loss tokens), B (adv -2, 3 loss tokens), C exceeded (3 generated tokens, masked by
+    ignore_exceed), D empty (no loss token: its only turn was cut off). Old == new log-probs: ratio 1, so every
+    loss token of A has loss -1 and every loss token of B +2."""
+    generated = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.float64)
+    loss_mask = mask_exceeded(generated, torch.tensor([False, False, True, False]))
+    old_logprobs = torch.full((4, 4), -0.7, dtype=torch.float64)
+    advantages = torch.tensor([1.0, -2.0, 1.0, 0.5], dtype=torch.float64)[:, None].expand(4, 4).contiguous()
+    return old_logprobs.clone().requires_grad_(True), old_logprobs, advantages, loss_mask
+
+
+# (loss, gradient weight of an A token, of a B token) per agg_mode and seq_mean_denominator, by hand:
+# M = 5 loss tokens; S = 2 sequences with loss tokens (with_loss_tokens) or 4 (all: C and D count)
+DENOMINATOR_CASES = {
+    ("token-mean", "with_loss_tokens"): ((-1 - 1 + 2 + 2 + 2) / 5, 1 / 5, 1 / 5),
+    ("token-mean", "all"): ((-1 - 1 + 2 + 2 + 2) / 5, 1 / 5, 1 / 5),  # masked tokens never count in M
+    ("seq-mean-token-mean", "with_loss_tokens"): ((-1 + 2) / 2, 1 / (2 * 2), 1 / (3 * 2)),
+    ("seq-mean-token-mean", "all"): ((-1 + 2) / 4, 1 / (2 * 4), 1 / (3 * 4)),  # half the step: 2 of 4 count
+    ("seq-mean-token-sum", "with_loss_tokens"): ((-2 + 6) / 2, 1 / 2, 1 / 2),
+    ("seq-mean-token-sum", "all"): ((-2 + 6) / 4, 1 / 4, 1 / 4),
+}
+
+
+@pytest.mark.parametrize("agg_mode,denominator", list(DENOMINATOR_CASES))
+def test_seq_mean_denominator_with_exceeded_and_empty_sequences(agg_mode, denominator):
+    logprobs, old_logprobs, advantages, loss_mask = exceeded_and_empty_batch()
+    counts = count_loss_tokens_and_seqs(loss_mask, seq_mean_denominator=denominator)
+    assert (counts.num_tokens, counts.num_seqs) == (5, 4 if denominator == "all" else 2)
+    out = policy_loss(logprobs, old_logprobs, advantages, loss_mask, 0.2, 0.3, agg_mode,
+                      global_num_tokens=counts.num_tokens, global_num_seqs=counts.num_seqs)
+    expected_loss, weight_a, weight_b = DENOMINATOR_CASES[agg_mode, denominator]
+    torch.testing.assert_close(out.loss, torch.tensor(expected_loss, dtype=torch.float64))
+    out.loss.backward()
+    # d l_t / d logprob_t = -A_t at ratio 1 (unclipped): -1 on A's tokens, +2 on B's, 0 on C and D
+    expected_grad = torch.tensor([[-weight_a] * 2 + [0, 0], [2 * weight_b] * 3 + [0], [0] * 4, [0] * 4],
+                                 dtype=torch.float64)
+    torch.testing.assert_close(logprobs.grad, expected_grad)
+    # the metrics are token-means over loss tokens whatever the denominator
+    torch.testing.assert_close(out.metrics.pg_loss, torch.tensor(0.8, dtype=torch.float64))
+
+
+def test_all_sequences_is_the_originals_per_sequence_mean():
+    """The seed's loss (verl, ppo_micro_batch_size_per_gpu=1): each micro-batch is one sequence, its token-mean
+    masked_mean(l, mask) = sum l / (n + 1e-6), divided by the sequences per GPU (gradient accumulation) and
+    averaged over GPUs, i.e. summed over every sequence of the mini-batch and divided by their number."""
+    logprobs, old_logprobs, advantages, loss_mask = exceeded_and_empty_batch()
+    per_token = -advantages  # ratio 1
+    per_sequence = [(per_token[i] * loss_mask[i]).sum() / (loss_mask[i].sum() + 1e-6) for i in range(4)]
+    original = sum(per_sequence) / 4
+    counts = count_loss_tokens_and_seqs(loss_mask, seq_mean_denominator="all")
+    ours = policy_loss(logprobs, old_logprobs, advantages, loss_mask, 0.2, 0.3, "seq-mean-token-mean",
+                       global_num_tokens=counts.num_tokens, global_num_seqs=counts.num_seqs)
+    torch.testing.assert_close(ours.loss.detach(), original, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("agg_mode", ("seq-mean-token-mean", "seq-mean-token-sum"))
+def test_all_sequences_scales_loss_and_grads_and_stays_split_invariant(agg_mode):
+    batch = random_packed_batch(seed=4)  # 6 sequences, one of them without a loss token
+    counts = {d: count_loss_tokens_and_seqs(batch["loss_mask"], batch["seq_ids"], seq_mean_denominator=d)
+              for d in ("with_loss_tokens", "all")}
+    assert (counts["with_loss_tokens"].num_seqs, counts["all"].num_seqs) == (5, 6)
+    losses, grads = {}, {}
+    for denominator, c in counts.items():
+        batch["logprobs"].grad = None
+        out = run_loss(batch, agg_mode, global_num_tokens=c.num_tokens, global_num_seqs=c.num_seqs)
+        out.loss.backward()
+        losses[denominator], grads[denominator] = out.loss.detach(), batch["logprobs"].grad.clone()
+    # the whole loss (policy-gradient, entropy and KL terms, all aggregated alike) scales by S_with / S_all = 5/6
+    torch.testing.assert_close(losses["all"], losses["with_loss_tokens"] * 5 / 6)
+    torch.testing.assert_close(grads["all"], grads["with_loss_tokens"] * 5 / 6)
+    # micro-batches with the global counts, one of them holding only the sequence without loss tokens
+    batch["logprobs"].grad = None
+    summed = 0.0
+    for seqs in ([2], [3, 0], [5, 1, 4]):
+        select = torch.isin(batch["seq_ids"], torch.tensor(seqs))
+        out = run_loss(batch, agg_mode, select, global_num_tokens=counts["all"].num_tokens,
+                       global_num_seqs=counts["all"].num_seqs)
+        out.loss.backward()
+        summed = summed + out.loss.detach()
+    torch.testing.assert_close(summed, losses["all"])
+    torch.testing.assert_close(batch["logprobs"].grad, grads["all"])
+
+
 def test_entropy_bonus_and_kl_terms():
     batch = random_packed_batch(seed=3)
     args = (batch["logprobs"], batch["old_logprobs"], batch["advantages"], batch["loss_mask"], 0.2, 0.3, "token-mean")
@@ -194,3 +277,5 @@ def test_user_errors():
         policy_loss(logprobs, old_logprobs[:, :2], advantages, loss_mask, 0.2, 0.3, "token-mean")
     with pytest.raises(ValueError, match="clip_low"):
         policy_loss(logprobs, old_logprobs, advantages, loss_mask, 1.0, 0.3, "token-mean")
+    with pytest.raises(ValueError, match="seq_mean_denominator"):
+        count_loss_tokens_and_seqs(loss_mask, seq_mean_denominator="trained")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_minio3.algorithms import compute_grpo_advantages
+from megatron_minio3.algorithms.policy_loss import LossCounts
 from megatron_minio3.config.algorithm import AlgorithmConfig, PackingConfig
 from megatron_minio3.config.schema import ParallelConfig
 from megatron_minio3.packing import pack_mini_batch
@@ -57,6 +58,38 @@ def test_collection_keeps_groups_in_arrival_order_until_the_batch_is_full():
     assert metrics["reward/mean"] == pytest.approx(5 / 8) and metrics["reward/src/num_samples"] == 8
 
 
+def test_collection_keeps_generating_until_the_batch_is_full():
+    rounds = iter([
+        [RoundSummary(summaries(0, [group("a", [1, 0], [8, 9]), group("b", [1, 1], [8, 8])], [True, False]), [], 1.0)],
+        [RoundSummary(summaries(0, [group("c", [0, 0], [5, 6]), group("d", [1, 1], [7, 7])], [False, False]), [], 1.0)],
+        [RoundSummary(summaries(0, [group("e", [0, 1], [5, 6]), group("f", [1, 0], [7, 7])], [True, True]), [], 1.0)],
+    ])
+    collection = Collection(batch_size=2, max_rounds=16)
+    while collection.needs_another_round:  # as GRPOTrainer.collect
+        collection.add_round(next(rounds))
+    assert collection.full and collection.num_rounds == 3 and [g.uid for g in collection.kept] == ["a", "e"]
+    assert collection.shortfall_warning(1, dynamic_sampling=True) == ""
+
+
+def test_collection_stops_at_the_round_cap_and_says_which_key_to_raise():
+    collection = Collection(batch_size=3, max_rounds=2)
+    for uid in ("a", "b"):
+        groups = [group(uid, [1, 0], [8, 9]), group(uid + "2", [1, 1], [8, 8])]
+        assert collection.needs_another_round
+        collection.add_round([RoundSummary(summaries(0, groups, [True, False]), [], 1.0)])
+    assert not collection.needs_another_round and not collection.full and len(collection.kept) == 2
+    warning = collection.shortfall_warning(7, dynamic_sampling=True)
+    assert warning.startswith("step 7: the batch is not full after trainer.max_generation_rounds=2 generation "
+                              "round(s): 2 of the 3 groups of trainer.train_batch_size kept (4 generated: 2 without reward "
+                              "spread, 0 with a reward failure); training on those 2. Raise "
+                              "trainer.max_generation_rounds")
+    one_round = Collection(batch_size=2)  # without dynamic sampling: one round, whatever it keeps
+    one_round.add_round([RoundSummary(summaries(0, [group("a", [1, 0], [8, 9])], [True]), [], 1.0)])
+    assert not one_round.needs_another_round
+    assert "one generation round of a step without dynamic sampling" in one_round.shortfall_warning(1, False)
+    assert "max_generation_rounds" not in one_round.shortfall_warning(1, False)
+
+
 def test_plan_splits_mini_batches_over_data_parallel_ranks_like_the_packer():
     groups = [group(u, [1, 0, 1, 0], lengths, exceed=(3,)) for u, lengths in
               (("a", [40, 90, 13, 25]), ("b", [64, 64, 30, 8]), ("c", [100, 12, 12, 50]))]
@@ -87,6 +120,19 @@ def test_plan_splits_mini_batches_over_data_parallel_ranks_like_the_packer():
     assert all(key[0] == handle for handle in (0, 1) for keys in requests[handle] for key in keys)
     with pytest.raises(ValueError, match="cannot feed 8 data-parallel ranks"):
         plan_step(kept, 1, packing, ParallelConfig(dp=8))
+
+
+def test_plan_counts_exceeded_and_empty_sequences_with_seq_mean_denominator_all():
+    # a: one exceeded sample (loss mask zeroed); b: one sample of the prompt alone (3 tokens: no loss token)
+    kept = summaries(0, [group("a", [1, 0, 1], [40, 90, 13], exceed=(1,)), group("b", [0, 1, 1], [3, 64, 30])],
+                     [True, True])
+    packing, parallel = PackingConfig(max_tokens_per_microbatch=256), ParallelConfig(dp=2)
+    ours = plan_step(kept, 2, packing, parallel)
+    original = plan_step(kept, 2, packing, parallel, seq_mean_denominator="all")
+    tokens = 37 + 10 + 61 + 27
+    assert ours.mini_batches[0].loss_counts == LossCounts(num_tokens=tokens, num_seqs=4)
+    assert original.mini_batches[0].loss_counts == LossCounts(num_tokens=tokens, num_seqs=6)
+    assert original.mini_batches[0].ranks == ours.mini_batches[0].ranks  # the split does not change
 
 
 def test_training_sequences_carry_group_advantages_and_the_exceed_mask():

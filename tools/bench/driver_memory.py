@@ -176,10 +176,11 @@ def overrides(args, model: Path, data: Path, out: Path, train_batch_size: int) -
         "trainer.output_dir": str(out),
         "trainer.train_batch_size": train_batch_size,
         "trainer.total_steps": 1,
-        "trainer.max_generation_rounds": 4,
         "trainer.save_every": 0,
         "weights.probe_every": 0,  # no parity probe: nothing but the step
     }
+    if args.dynamic_sampling:  # the round cap is a dynamic-sampling key (refused without it)
+        settings["trainer.max_generation_rounds"] = 4
     return [f"{key}={value}" for key, value in settings.items()]
 
 
