@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from megatron_minio3.config.data import read_template_files
+from megatron_minio3.config.reward import read_prompt_files
 from megatron_minio3.config.schema import Config
 
 
@@ -274,6 +275,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = _build(Config, tree, "", "config")
     try:
         read_template_files(cfg.data)
+        read_prompt_files(cfg.reward.judge)
         _validate_tree(cfg)
     except ConfigError:
         raise

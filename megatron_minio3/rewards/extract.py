@@ -6,6 +6,9 @@ import re
 _ANSWER_SPAN_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NON_FINAL_TURN_RE = re.compile(r"\s*<think>.*</think>.*<grounding>.*</grounding>\s*", re.DOTALL)
 _FINAL_TURN_RE = re.compile(r"\s*<think>.*</think>.*<answer>.*</answer>\s*", re.DOTALL)
+# The seed's strict_v2: the leftmost <answer> whose lazy span reaches a </answer> ending the text ($: at the end
+# or before one final newline).
+_ANSWER_AT_END_RE = re.compile(r"<answer>(.*?)</answer>$", re.DOTALL)
 
 
 def answer_spans(text: str) -> list[str]:
@@ -25,6 +28,30 @@ def first_answer(turns: list[str]) -> str | None:
         if spans:
             return spans[0]
     return None
+
+
+def judge_prediction(turns: list[str], mode: str) -> str | None:
+    """The text the LLM judge compares with the reference (reward.judge.answer_extraction); None or "" = nothing
+    to judge. The seed's modes work on the response, the turns joined by a space:
+
+    - strict: the first answer span over all turns (`first_answer`, stripped, innermost when nested);
+    - split: the text after the last `<answer>` up to the next `</answer>`, stripped (with neither tag, the
+      whole response);
+    - strict_v2: from the first `<answer>` to a `</answer>` that ends the response (spans and tags between
+      them included), stripped; None when the response does not end with `</answer>`;
+    - none: the whole response, stripped.
+    """
+    if mode == "strict":
+        return first_answer(turns)
+    response = " ".join(turns)
+    if mode == "split":
+        return response.split("<answer>")[-1].split("</answer>")[0].strip()
+    if mode == "strict_v2":
+        match = _ANSWER_AT_END_RE.search(response)
+        return match.group(1).strip() if match else None
+    if mode == "none":
+        return response.strip()
+    raise ValueError(f"unknown answer extraction {mode!r}")
 
 
 def final_answer(turns: list[str]) -> str | None:

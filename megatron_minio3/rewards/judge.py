@@ -1,8 +1,11 @@
-"""LLM judge over an OpenAI-compatible chat API: async, bounded concurrency, timeouts, retries, cache.
+"""LLM judge over a chat-completions API (OpenAI-compatible or an Azure OpenAI deployment): async, bounded
+concurrency, timeouts, retries, cache.
 
-A sample with no answer span (or an empty one) scores 0 without a call. A judge that does not give a
-usable verdict after all retries yields a failed Verdict (never a silent 0). The API key is read from
-the environment variable named in the config and kept out of reprs, logs and error messages.
+A sample with nothing to judge (reward.judge.answer_extraction found no answer, or an empty one) scores 0 without
+a call. A judge that does not give a usable verdict after all retries yields a failed Verdict (never a silent 0).
+The API key is read from the environment variable named in the config and kept out of reprs, logs and error
+messages; with provider azure the endpoint and api-version may come from the environment too (the seed's
+END_POINT and API_VERSION).
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import httpx
 
-from megatron_minio3.config.reward import JudgeConfig
-from megatron_minio3.rewards.extract import first_answer
+from megatron_minio3.config.reward import JudgeConfig, check_azure_endpoint, check_judge_values
+from megatron_minio3.rewards.extract import first_answer, judge_prediction
 from megatron_minio3.rewards.types import RewardInput, Verdict
 
 if TYPE_CHECKING:
@@ -48,35 +52,8 @@ def parse_judge_score(reply: str) -> int | None:
 
 
 def validate_judge_config(cfg: JudgeConfig) -> None:
-    """Raise ValueError naming the first field of `reward.judge` that cannot work."""
-    if not cfg.base_url.startswith(("http://", "https://")):
-        raise ValueError(f"reward.judge.base_url must start with http:// or https://, got {cfg.base_url!r}")
-    if not cfg.model:
-        raise ValueError("reward.judge.model must not be empty")
-    if cfg.max_concurrency < 1:
-        raise ValueError(f"reward.judge.max_concurrency must be >= 1, got {cfg.max_concurrency}")
-    if cfg.timeout_s <= 0:
-        raise ValueError(f"reward.judge.timeout_s must be > 0, got {cfg.timeout_s}")
-    if cfg.max_retries < 0:
-        raise ValueError(f"reward.judge.max_retries must be >= 0, got {cfg.max_retries}")
-    if cfg.backoff_initial_s < 0 or cfg.backoff_max_s < 0:
-        raise ValueError(
-            f"reward.judge.backoff_initial_s and backoff_max_s must be >= 0, got "
-            f"{cfg.backoff_initial_s} and {cfg.backoff_max_s}"
-        )
-    if cfg.cache_size < 0:
-        raise ValueError(f"reward.judge.cache_size must be >= 0, got {cfg.cache_size}")
-    if cfg.max_tokens < 1:
-        raise ValueError(f"reward.judge.max_tokens must be >= 1, got {cfg.max_tokens}")
-    for name in ("question", "answer", "prediction"):
-        if "{" + name + "}" not in cfg.user_prompt_template:
-            raise ValueError(f"reward.judge.user_prompt_template must contain {{{name}}}")
-    try:
-        cfg.user_prompt_template.format(question="", answer="", prediction="")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(
-            f"reward.judge.user_prompt_template is not a valid template ({exc!r}); write literal braces as {{{{ }}}}"
-        ) from None
+    """Raise ValueError naming the first field of `reward.judge` that cannot work (no environment lookups)."""
+    check_judge_values(cfg)
 
 
 @dataclass
@@ -108,7 +85,6 @@ class JudgeClient:
     def __init__(self, cfg: JudgeConfig):
         validate_judge_config(cfg)
         self.cfg = cfg
-        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._api_key = ""
         if cfg.api_key_env:
             self._api_key = os.environ.get(cfg.api_key_env, "")
@@ -117,22 +93,40 @@ class JudgeClient:
                     f"reward.judge.api_key_env: environment variable {cfg.api_key_env!r} is not set "
                     "(set it, or set api_key_env to \"\" for a judge that needs no key)"
                 )
+        self._params: dict[str, str] = {}
+        if cfg.provider == "azure":  # the URL layout and header of Azure OpenAI's chat completions
+            azure = cfg.azure
+            endpoint = azure.endpoint or _from_env(azure.endpoint_env, "reward.judge.azure.endpoint_env")
+            where = "reward.judge.azure.endpoint" if azure.endpoint else f"${azure.endpoint_env}"
+            check_azure_endpoint(endpoint, where)
+            deployment = quote(azure.deployment or cfg.model, safe="")
+            self._url = f"{endpoint.rstrip('/')}/openai/deployments/{deployment}/chat/completions"
+            version = azure.api_version or _from_env(azure.api_version_env, "reward.judge.azure.api_version_env")
+            self._params = {"api-version": version}
+            self._auth_headers = {"api-key": self._api_key}
+        else:
+            self._url = cfg.base_url.rstrip("/") + "/chat/completions"
+            self._auth_headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         self._cache: OrderedDict[JudgeKey, int] = OrderedDict()
         self._state: _LoopState | None = None
 
     def __repr__(self) -> str:
-        return f"JudgeClient(url={self._url!r}, model={self.cfg.model!r})"
+        return f"JudgeClient(provider={self.cfg.provider!r}, url={self._url!r}, model={self.cfg.model!r})"
 
     async def __call__(self, inp: RewardInput, ctx: ScoringContext | None = None) -> Verdict:
-        """Verifier entry point: judge the first answer span of the trajectory."""
-        prediction = first_answer(inp.turns)
+        """Verifier entry point: judge what reward.judge.answer_extraction reads from the trajectory.
+
+        `has_answer` says whether the trajectory holds an answer span, whatever the extraction mode."""
+        prediction = judge_prediction(inp.turns, self.cfg.answer_extraction)
+        has_answer = 0.0 if first_answer(inp.turns) is None else 1.0
         if not inp.ground_truth.strip():
             return Verdict.failure("judge: empty ground truth")
         if not prediction:
-            has_answer = 0.0 if prediction is None else 1.0
             return Verdict(score=0.0, accuracy=0.0, metrics={"has_answer": has_answer, "judge_attempts": 0.0})
         question = inp.question.replace(_IMAGE_PLACEHOLDER, "").strip()
-        return await self.judge(question, inp.ground_truth.strip(), prediction)
+        verdict = await self.judge(question, inp.ground_truth.strip(), prediction)
+        verdict.metrics["has_answer"] = has_answer
+        return verdict
 
     async def judge(self, question: str, answer: str, prediction: str) -> Verdict:
         """One verdict; identical triples share one call (cached once answered, joined while in flight)."""
@@ -188,7 +182,9 @@ class JudgeClient:
         messages = []
         if self.cfg.system_prompt:
             messages.append({"role": "system", "content": self.cfg.system_prompt})
-        user = self.cfg.user_prompt_template.format(question=question, answer=answer, prediction=prediction)
+        user = self.cfg.user_prompt_template.format(
+            question=question, answer=answer, ground_truth=answer, prediction=prediction
+        )
         messages.append({"role": "user", "content": user})
         return {
             "model": self.cfg.model,
@@ -197,8 +193,21 @@ class JudgeClient:
             "max_tokens": self.cfg.max_tokens,
         }
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+    def _refusal_hint(self, status: int) -> str:
+        """What a 401/403/404 most likely means, naming the variables and keys to check."""
+        cfg = self.cfg
+        if status in (401, 403):
+            if not self._api_key:
+                return " (no key was sent: reward.judge.api_key_env is empty)"
+            header = "api-key header" if cfg.provider == "azure" else "Authorization header"
+            return f" (the key in ${cfg.api_key_env}, sent as the {header}, was refused; reward.judge.api_key_env)"
+        if status == 404 and cfg.provider == "azure":
+            return (
+                f" (no deployment {cfg.azure.deployment or cfg.model!r} at this endpoint, or no api-version "
+                f"{self._params['api-version']!r} there: check reward.judge.azure.deployment (empty: "
+                "reward.judge.model), .endpoint or its variable, .api_version or its variable)"
+            )
+        return ""
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
@@ -223,7 +232,7 @@ class JudgeClient:
             client = await state.slots.get()
             try:
                 async with asyncio.timeout(self.cfg.timeout_s):
-                    response = await client.post(self._url, json=body, headers=self._headers())
+                    response = await client.post(self._url, params=self._params, json=body, headers=self._auth_headers)
             except (TimeoutError, httpx.TimeoutException):
                 error = f"no reply within {self.cfg.timeout_s} s"
                 logger.debug("judge attempt %d: %s", num_attempts, error)
@@ -242,7 +251,7 @@ class JudgeClient:
                 continue
             if status >= 400:  # the request itself is wrong (auth, model name): retrying cannot help
                 error = self._scrub(f"HTTP {status}: {response.text[:_ERROR_BODY_CHARS]}")
-                return _Outcome(None, num_attempts, f"judge: {error}")
+                return _Outcome(None, num_attempts, f"judge: {error}{self._refusal_hint(status)}")
             try:
                 reply = response.json()["choices"][0]["message"]["content"]
                 score = parse_judge_score(reply)
@@ -265,6 +274,13 @@ class JudgeClient:
         self._cache.move_to_end(key)
         while len(self._cache) > self.cfg.cache_size:
             self._cache.popitem(last=False)
+
+
+def _from_env(name: str, key: str) -> str:
+    value = os.environ.get(name, "") if name else ""
+    if not value:
+        raise ValueError(f"{key}: environment variable {name!r} is not set (set it, or give the value in the config)")
+    return value
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

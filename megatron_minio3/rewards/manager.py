@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from megatron_minio3.config.reward import RewardConfig
+from megatron_minio3.config.reward import RewardConfig, check_reward_values, used_verifiers
 from megatron_minio3.rewards.extract import is_well_formatted
 from megatron_minio3.rewards.isolation import (
     WARM_MODULES,
@@ -34,11 +34,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_WEIGHT_FIELDS = ("accuracy_weight", "format_weight", "tool_call_penalty", "tool_error_penalty", "tool_use_bonus")
-
 
 def validate_reward_config(cfg: RewardConfig) -> None:
-    """Raise ValueError naming the first `reward.*` field that cannot work (no network, no env lookups)."""
+    """Raise ValueError naming the first `reward.*` field that cannot work (no network, no env lookups): the
+    verifier names against the registry (register_verifier may add some), then the section's own value checks
+    (`check_reward_values`, which the config loader runs without importing this package)."""
     for source, name in cfg.verifiers.items():
         if name not in VERIFIER_FACTORIES:
             raise ValueError(
@@ -49,47 +49,7 @@ def validate_reward_config(cfg: RewardConfig) -> None:
             f"reward.default_verifier = {cfg.default_verifier!r} is not a verifier; "
             f"known: {sorted(VERIFIER_FACTORIES)} (or \"\" for none)"
         )
-    for name in _WEIGHT_FIELDS:
-        if not math.isfinite(getattr(cfg, name)):
-            raise ValueError(f"reward.{name} must be a finite number, got {getattr(cfg, name)}")
-    iou = cfg.iou
-    if iou.schedule == "fixed":
-        if not 0.0 <= iou.threshold <= 1.0:
-            raise ValueError(f"reward.iou.threshold must be in [0, 1], got {iou.threshold}")
-    elif iou.schedule == "dynamic":
-        if len(iou.dynamic_thresholds) != len(iou.dynamic_boundaries) + 1:
-            raise ValueError(
-                "reward.iou.dynamic_thresholds needs exactly one more entry than reward.iou.dynamic_boundaries, "
-                f"got {len(iou.dynamic_thresholds)} and {len(iou.dynamic_boundaries)}"
-            )
-        if any(not 0.0 <= t <= 1.0 for t in iou.dynamic_thresholds):
-            raise ValueError(f"reward.iou.dynamic_thresholds must lie in [0, 1], got {iou.dynamic_thresholds}")
-        bounds = iou.dynamic_boundaries
-        if any(not 0.0 < b <= 1.0 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
-            raise ValueError(
-                f"reward.iou.dynamic_boundaries must be increasing fractions of training in (0, 1], got {bounds}"
-            )
-    else:
-        raise ValueError(f"reward.iou.schedule must be 'fixed' or 'dynamic', got {iou.schedule!r}")
-    if "judge" in _used_verifiers(cfg):
-        from megatron_minio3.rewards.judge import validate_judge_config
-
-        validate_judge_config(cfg.judge)
-    for url in cfg.remote.urls:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"reward.remote.urls entries must start with http:// or https://, got {url!r}")
-    if cfg.remote.timeout_s <= 0:
-        raise ValueError(f"reward.remote.timeout_s must be > 0, got {cfg.remote.timeout_s}")
-    if cfg.remote.max_request_bytes < 1024:
-        raise ValueError(f"reward.remote.max_request_bytes must be >= 1024, got {cfg.remote.max_request_bytes}")
-    if not cfg.verifier_timeout_s >= 0:
-        raise ValueError(f"reward.verifier_timeout_s must be >= 0 (0 = no limit), got {cfg.verifier_timeout_s}")
-    if cfg.verifier_workers < 1:
-        raise ValueError(f"reward.verifier_workers must be >= 1, got {cfg.verifier_workers}")
-
-
-def _used_verifiers(cfg: RewardConfig) -> set[str]:
-    return set(cfg.verifiers.values()) | ({cfg.default_verifier} if cfg.default_verifier else set())
+    check_reward_values(cfg)
 
 
 class RewardManager:
@@ -106,7 +66,7 @@ class RewardManager:
 
             self._remote = RemoteRewardClient(cfg.remote)
         else:
-            for name in sorted(_used_verifiers(cfg)):  # build now: a missing judge key fails at start-up
+            for name in sorted(used_verifiers(cfg)):  # build now: a missing judge key fails at start-up
                 self._verifier(name)
 
     def verifier_name(self, inp: RewardInput) -> str:
@@ -194,7 +154,7 @@ class RewardManager:
     async def _run_isolated(self, name: str, verifier: VerifierFn, inp: RewardInput, ctx: ScoringContext) -> Verdict:
         # math-verify takes seconds to import: workers import it up front when a mapping uses it, so that the
         # time limit measures the scoring
-        warm = WARM_MODULES + (("math_verify",) if "math" in _used_verifiers(self.cfg) else ())
+        warm = WARM_MODULES + (("math_verify",) if "math" in used_verifiers(self.cfg) else ())
         pool = shared_pool(self.cfg.verifier_workers, warm)
         timeout_s = self.cfg.verifier_timeout_s
         try:
@@ -223,7 +183,6 @@ class RewardManager:
     def _combine(self, inp: RewardInput, verdict: Verdict, validation: bool) -> RewardResult:
         cfg = self.cfg
         formatted = 1.0 if is_well_formatted(inp.turns) else 0.0
-        used_tool_and_correct = 1.0 if inp.num_tool_calls > 0 and verdict.accuracy >= 0.5 else 0.0
         metrics = dict(verdict.metrics)
         metrics.update(
             accuracy=verdict.accuracy,
@@ -235,14 +194,41 @@ class RewardManager:
         if verdict.failed:
             metrics.update(accuracy=0.0, verifier_score=0.0)
             return RewardResult(failure_score(validation, cfg.drop_failed_groups), True, metrics, verdict.error)
-        score = (
-            cfg.accuracy_weight * verdict.score
-            + cfg.format_weight * formatted
-            - cfg.tool_call_penalty * inp.num_tool_calls
-            - cfg.tool_error_penalty * inp.num_tool_errors
-            + cfg.tool_use_bonus * used_tool_and_correct
-        )
+        score = combine_score(cfg, verdict.score, verdict.accuracy, formatted, inp.num_tool_calls, inp.num_tool_errors)
         return RewardResult(score=score, failed=False, metrics=metrics, error=None)
+
+
+def combine_score(
+    cfg: RewardConfig,
+    verifier_score: float,
+    accuracy: float,
+    formatted: float,
+    num_tool_calls: int,
+    num_tool_errors: int,
+) -> float:
+    """The sample's reward from its verifier score and extra terms, by reward.tool_terms (docs/rewards.md).
+
+    ours: the penalty is per call, the bonus needs a tool call and a correct answer (accuracy >= 0.5).
+    original (the seed's compute_score): one call or more scales the accuracy term by (1 - tool_call_penalty)
+    and earns the bonus whether or not the answer is right. tool_error_penalty, ours, applies in both.
+    """
+    used_tool = num_tool_calls > 0
+    if cfg.tool_terms == "original":
+        kept = 1.0 - cfg.tool_call_penalty if used_tool else 1.0
+        return (
+            kept * cfg.accuracy_weight * verifier_score
+            + cfg.format_weight * formatted
+            + (cfg.tool_use_bonus if used_tool else 0.0)
+            - cfg.tool_error_penalty * num_tool_errors
+        )
+    used_tool_and_correct = 1.0 if used_tool and accuracy >= 0.5 else 0.0
+    return (
+        cfg.accuracy_weight * verifier_score
+        + cfg.format_weight * formatted
+        - cfg.tool_call_penalty * num_tool_calls
+        - cfg.tool_error_penalty * num_tool_errors
+        + cfg.tool_use_bonus * used_tool_and_correct
+    )
 
 
 def _check_input(inp: RewardInput) -> None:

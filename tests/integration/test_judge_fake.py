@@ -1,7 +1,10 @@
 """A scriptable stand-in for the paid judge API: a real HTTP server on 127.0.0.1 (uvicorn, own thread).
 
-Other judge and reward-server tests import `FakeJudge` from here; the tests below check the instrument
-itself (its in-flight counter is what the concurrency test relies on).
+It serves the OpenAI layout (POST /v1/chat/completions) and, once `azure(...)` names a deployment, the Azure
+OpenAI one (POST /openai/deployments/<deployment>/chat/completions?api-version=<v>, key in an `api-key` header),
+refusing a wrong key (401), deployment or api-version (404) as Azure does. Other judge and reward-server tests
+import `FakeJudge` from here; the tests below check the instrument itself (its in-flight counter is what the
+concurrency test relies on, its refusals what the Azure tests rely on).
 """
 from __future__ import annotations
 
@@ -40,6 +43,19 @@ class Reply:
 Script = Callable[[int, dict, str], Reply]  # (request index, JSON body, user message) -> Reply
 
 
+@dataclass
+class AzureDeployment:
+    """What the fake's Azure route accepts."""
+
+    deployment: str
+    api_version: str
+    key: str
+
+
+def _azure_error(status: int, code: str, message: str) -> Response:
+    return Response(json.dumps({"error": {"code": code, "message": message}}), status, media_type="application/json")
+
+
 def user_message(body: dict) -> str:
     return next(m["content"] for m in body["messages"] if m["role"] == "user")
 
@@ -61,6 +77,9 @@ class FakeJudge:
         self.script: Script = lambda index, body, user: Reply.chat("Score: 1")
         self.bodies: list[dict] = []
         self.auth_headers: list[str | None] = []
+        # Every request that reached a route, refused or not: path, query parameters, api-key, authorization.
+        self.seen: list[dict] = []
+        self.azure_deployment: AzureDeployment | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self._server: uvicorn.Server | None = None
@@ -75,6 +94,15 @@ class FakeJudge:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def endpoint(self) -> str:
+        """The Azure resource endpoint, written as Azure shows it (trailing slash)."""
+        return f"http://127.0.0.1:{self.port}/"
+
+    def azure(self, deployment: str, api_version: str, key: str) -> None:
+        """Serve one Azure deployment (until the next call)."""
+        self.azure_deployment = AzureDeployment(deployment, api_version, key)
+
     def reset(self, script: Script) -> None:
         """New script and fresh counters, once handlers left over from earlier tests (replies the
         client gave up on) have finished: they would otherwise count as in flight."""
@@ -86,9 +114,36 @@ class FakeJudge:
         self.script = script
         self.bodies.clear()
         self.auth_headers.clear()
+        self.seen.clear()
         self.max_in_flight = 0
 
-    async def _chat(self, request: Request) -> Response:
+    def _record(self, request: Request) -> None:
+        self.seen.append({
+            "path": request.url.path,
+            "query": sorted(request.query_params.multi_items()),
+            "api_key": request.headers.get("api-key"),
+            "authorization": request.headers.get("authorization"),
+        })
+
+    async def _azure_chat(self, request: Request) -> Response:
+        """Azure's checks, in its order: the key, then the api-version, then the deployment."""
+        self._record(request)
+        want = self.azure_deployment
+        if want is None:
+            return _azure_error(404, "404", "Resource not found")
+        if request.headers.get("api-key") != want.key:
+            return _azure_error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint.")
+        if request.query_params.get("api-version") != want.api_version:
+            return _azure_error(404, "404", "Resource not found")
+        if request.path_params["deployment"] != want.deployment:
+            return _azure_error(404, "DeploymentNotFound", "The API deployment for this resource does not exist.")
+        return await self._answer(request)
+
+    async def _openai_chat(self, request: Request) -> Response:
+        self._record(request)
+        return await self._answer(request)
+
+    async def _answer(self, request: Request) -> Response:
         self.in_flight += 1  # one event loop thread: plain counters are exact
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -104,7 +159,10 @@ class FakeJudge:
             self.in_flight -= 1
 
     def start(self) -> None:
-        app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        app = Starlette(routes=[
+            Route("/v1/chat/completions", self._openai_chat, methods=["POST"]),
+            Route("/openai/deployments/{deployment}/chat/completions", self._azure_chat, methods=["POST"]),
+        ])
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -161,3 +219,23 @@ def test_fake_follows_its_script(fake_judge: FakeJudge) -> None:
     first, second = asyncio.run(twice())
     assert (first.status_code, first.text) == (500, "boom")
     assert second.json()["choices"][0]["message"]["content"] == "Score: 0"
+
+
+def test_fake_azure_route_refuses_what_azure_refuses(fake_judge: FakeJudge) -> None:
+    fake_judge.reset(lambda index, body, user: Reply.chat("Score: 1"))
+    fake_judge.azure("judge-dep", "2024-10-21", "k1")
+    body = {"messages": [{"role": "user", "content": "Model prediction: x\n"}]}
+
+    async def post(deployment: str, params: dict, headers: dict) -> int:
+        url = f"{fake_judge.endpoint}openai/deployments/{deployment}/chat/completions"
+        async with httpx.AsyncClient() as client:
+            return (await client.post(url, params=params, headers=headers, json=body)).status_code
+
+    good = {"api-version": "2024-10-21"}
+    assert asyncio.run(post("judge-dep", good, {"api-key": "k1"})) == 200
+    assert asyncio.run(post("judge-dep", good, {"api-key": "k2"})) == 401
+    assert asyncio.run(post("judge-dep", good, {"Authorization": "Bearer k1"})) == 401
+    assert asyncio.run(post("judge-dep", {"api-version": "2023-05-15"}, {"api-key": "k1"})) == 404
+    assert asyncio.run(post("judge-dep", {}, {"api-key": "k1"})) == 404
+    assert asyncio.run(post("other-dep", good, {"api-key": "k1"})) == 404
+    assert fake_judge.num_requests == 1 and len(fake_judge.seen) == 6

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_minio3.rewards.extract import answer_spans, final_answer, first_answer, is_well_formatted
+from megatron_minio3.rewards.extract import (
+    answer_spans,
+    final_answer,
+    first_answer,
+    is_well_formatted,
+    judge_prediction,
+)
 
 THINK = "<think>the sign is small; zoom</think>"
 GROUND = '<grounding>{"bbox_2d": [0.1, 0.2, 0.5, 0.6], "source": "original_image"}</grounding>'
@@ -78,3 +84,35 @@ def test_well_formatted(turns: list[str]) -> None:
 )
 def test_badly_formatted(turns: list[str]) -> None:
     assert not is_well_formatted(turns)
+
+
+# reward.judge.answer_extraction, by hand from the seed's rules (verl/utils/reward_score/general_qa_tool.py of
+# Mini-o3/Mini-o3): the response is the turns joined by one space.
+TOOL_TURN = "<think>a</think><grounding>{}</grounding>"
+TWO_ANSWERS = ["<think>a</think><answer> A </answer>", "<think>b</think><answer>B</answer>"]
+
+
+@pytest.mark.parametrize(
+    "turns, strict, split, strict_v2",
+    [
+        ([TOOL_TURN, "<think>b</think><answer>(B) red</answer>"], "(B) red", "(B) red", "(B) red"),
+        # strict: the first span; split: after the last <answer>; strict_v2: first <answer> to the final </answer>
+        (TWO_ANSWERS, "A", "B", "A </answer> <think>b</think><answer>B"),
+        (["<think>b</think>the car is red"], None, "<think>b</think>the car is red", None),  # no tag
+        (["<think>b</think><answer>red</answer> I am sure."], "red", "red", None),  # not at the end
+        (["<answer>red</answer>\n"], "red", "red", "red"),  # $ also matches before one final newline
+        (["<think>b</think><answer>red"], None, "red", None),  # unclosed
+        (["<answer><answer>B</answer></answer>"], "B", "B", "<answer>B</answer>"),  # the seed's strict: "<answer>B"
+        (["<answer></answer>"], "", "", ""),  # empty: nothing to judge
+    ],
+)
+def test_judge_prediction_modes(turns: list[str], strict, split, strict_v2) -> None:
+    assert judge_prediction(turns, "strict") == strict
+    assert judge_prediction(turns, "split") == split
+    assert judge_prediction(turns, "strict_v2") == strict_v2
+    assert judge_prediction(turns, "none") == " ".join(turns).strip()
+
+
+def test_judge_prediction_refuses_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="'loose'"):
+        judge_prediction(["<answer>B</answer>"], "loose")

@@ -69,6 +69,44 @@ def test_weighted_terms() -> None:
     assert (a.metrics["num_tool_calls"], a.metrics["num_tool_errors"]) == (2.0, 1.0)
 
 
+def test_tool_terms_ours_and_original_by_hand() -> None:
+    weights = dict(accuracy_weight=1.0, format_weight=0.5, tool_call_penalty=0.2, tool_use_bonus=0.3)
+    samples = [
+        inp("right_3_calls", "vstar", "B", "B", tool_calls=3),  # well formatted
+        inp("wrong_1_call", "vstar", "B", "C", tool_calls=1),
+        inp("right_no_call", "vstar", "B", "B"),
+        inp("right_1_call_1_error", "vstar", "B", "B", tool_calls=1, num_tool_errors=1),
+    ]
+    ours = RewardManager(rule_cfg(**weights, tool_error_penalty=0.1)).score_sync(samples, validation=False)
+    original = RewardManager(rule_cfg(**weights, tool_error_penalty=0.1, tool_terms="original")).score_sync(
+        samples, validation=False
+    )
+    # ours: 1*acc + 0.5*format - 0.2*calls - 0.1*errors + 0.3*[calls and correct]
+    assert [r.score for r in ours] == pytest.approx([1 + 0.5 - 0.6 + 0.3, 0.5 - 0.2, 1 + 0.5, 1 + 0.5 - 0.2 - 0.1 + 0.3])
+    # original: (1 - 0.2*[calls]) * 1*acc + 0.5*format + 0.3*[calls] - 0.1*errors
+    assert [r.score for r in original] == pytest.approx([0.8 + 0.5 + 0.3, 0.5 + 0.3, 1 + 0.5, 0.8 + 0.5 + 0.3 - 0.1])
+
+
+def test_tool_terms_original_scales_the_weighted_verifier_score() -> None:
+    cfg = rule_cfg(tool_terms="original", accuracy_weight=2.0, tool_call_penalty=0.25, tool_use_bonus=0.0)
+    (box,) = RewardManager(cfg).score_sync([inp("iou", "ref", "[0, 0, 10, 10]", "[0, 0, 10, 9]", tool_calls=2)],
+                                           validation=False)
+    assert box.score == pytest.approx(0.75 * 2.0 * 0.9)  # the IoU 0.9 is the verifier score
+
+
+def test_tool_terms_are_checked() -> None:
+    with pytest.raises(ValueError, match="reward.tool_call_penalty must lie in"):
+        validate_reward_config(rule_cfg(tool_terms="original", tool_call_penalty=1.5))
+    validate_reward_config(rule_cfg(tool_terms="ours", tool_call_penalty=1.5))  # per call in ours: any size
+    with pytest.raises(ValueError, match="reward.tool_terms must be one of"):
+        validate_reward_config(rule_cfg(tool_terms="seed"))
+    from megatron_minio3.config import load_config
+
+    assert load_config(None, ["reward.tool_terms=original"]).reward.tool_terms == "original"
+    with pytest.raises(ValueError, match="reward.tool_terms"):
+        load_config(None, ["reward.tool_terms=seed"])
+
+
 def test_recipe_defaults_score_accuracy_only() -> None:
     manager = RewardManager(rule_cfg())
     (result,) = manager.score_sync([inp("a", "vstar", "B", "B", tool_calls=3, num_tool_errors=2)], validation=False)
@@ -218,8 +256,13 @@ def test_the_config_loader_runs_the_reward_checks() -> None:
 
     cfg = load_config(None, ["reward.verifiers={vstar: mc}", "reward.iou.schedule=dynamic"])
     assert cfg.reward.verifiers == {"vstar": "mc"} and cfg.reward.iou.schedule == "dynamic"
+    # verifier names are checked against the registry (register_verifier may add some) when the manager is built,
+    # which every entry point does before any worker starts; config/ imports nothing of the rewards package
+    unknown = load_config(None, ["reward.default_verifier=llm"])
     with pytest.raises(ValueError, match="reward.default_verifier = 'llm'"):
-        load_config(None, ["reward.default_verifier=llm"])
+        RewardManager(unknown.reward)
+    with pytest.raises(ValueError, match="reward.judge.max_concurrency"):  # the judge's values are checked on load
+        load_config(None, ["reward.default_verifier=judge", "reward.judge.max_concurrency=0"])
     with pytest.raises(ValueError, match="reward.iou.dynamic_thresholds"):
         load_config(None, ["reward.iou.schedule=dynamic", "reward.iou.dynamic_thresholds=[0.9]"])
 
