@@ -133,6 +133,27 @@ def resume_target(resume: bool | int | str) -> int | None:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a progressive schedule (Vision-R1's PTST, e.g. 4K tokens x 16 samples, then 8K x 8, then
+    16K x 4): from step `from_step` on, these replace rollout.n and rollout.max_tokens_per_turn (0 keeps the
+    rollout section's value) until the next stage starts."""
+
+    from_step: int = 1
+    n: int = 0
+    max_tokens_per_turn: int = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What trainer.stages make of one step: the stage's index (0 = before the first stage, or no stages) and
+    the group size and per-turn token limit in force."""
+
+    index: int
+    n: int
+    max_tokens_per_turn: int
+
+
+@dataclass
 class TrainerConfig:
     project: str = "megatron_minio3"  # the wandb project (with "wandb" in trainer.loggers)
     experiment: str = "grpo"  # the wandb run name (with "wandb" in trainer.loggers)
@@ -147,6 +168,10 @@ class TrainerConfig:
     resume: bool | int | str = True
     keep_last_checkpoints: int = 0  # prune older complete checkpoints beyond this many; 0 keeps all
     seed: int = 1
+    # A progressive schedule of the group size and the per-turn token limit (StageConfig; [] = rollout.n and
+    # rollout.max_tokens_per_turn throughout). Stages start at increasing steps; the switch is printed and every
+    # step logs schedule/stage, schedule/n and schedule/max_tokens_per_turn.
+    stages: list[StageConfig] = field(default_factory=list)
     # console, jsonl (<output_dir>/metrics.jsonl), tensorboard (<output_dir>/tensorboard), wandb
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     wandb_mode: Literal["online", "offline"] = "online"  # offline: under <output_dir>/wandb, `wandb sync` later
@@ -174,6 +199,16 @@ class TrainerConfig:
         """Prompts one generation round draws (the seed: int(train_batch_size * rejection_sample_multiplier))."""
         return int(self.train_batch_size * self.prompts_per_round_multiplier)
 
+    def stage_at(self, step: int, n: int, max_tokens_per_turn: int) -> Stage:
+        """The schedule at `step` (1-based): `n` and `max_tokens_per_turn` are the rollout section's values."""
+        index, stage = 0, None
+        for position, candidate in enumerate(self.stages, start=1):
+            if candidate.from_step <= step:
+                index, stage = position, candidate
+        if stage is None:
+            return Stage(0, n, max_tokens_per_turn)
+        return Stage(index, stage.n or n, stage.max_tokens_per_turn or max_tokens_per_turn)
+
     def validate(self) -> None:
         if self.total_steps < 1 or self.train_batch_size < 1:
             raise ValueError(
@@ -195,6 +230,12 @@ class TrainerConfig:
         if unknown:
             raise ValueError(f"trainer.loggers: unknown logger(s) {unknown}; choose from console, jsonl, tensorboard, "
                              "wandb")
+        for index, stage in enumerate(self.stages):
+            if stage.from_step < 1 or stage.n < 0 or stage.max_tokens_per_turn < 0:
+                raise ValueError(f"trainer.stages[{index}]: from_step must be >= 1 and n, max_tokens_per_turn >= 0 "
+                                 f"(0 keeps the rollout section's value), got {stage}")
+            if index and stage.from_step <= self.stages[index - 1].from_step:
+                raise ValueError(f"trainer.stages: from_step must increase, got {[s.from_step for s in self.stages]}")
         if self.log_val_generations and not (self.eval_every or self.eval_before_train):
             raise ValueError("trainer.log_val_generations samples the evaluation's generations: set trainer.eval_every "
                              "or trainer.eval_before_train too (or log_val_generations=0)")
@@ -248,6 +289,10 @@ class Config:
             )
         if self.rollout.n < 1:
             raise ValueError(f"rollout.n must be >= 1, got {self.rollout.n}")
+        for index, stage in enumerate(self.trainer.stages):
+            if stage.max_tokens_per_turn >= self.rollout.max_total_tokens:
+                raise ValueError(f"trainer.stages[{index}].max_tokens_per_turn ({stage.max_tokens_per_turn}) must be "
+                                 f"below rollout.max_total_tokens ({self.rollout.max_total_tokens}), the whole budget")
         if self.ref.enabled == "true" and self.algorithm.kl_coef <= 0:
             raise ValueError("ref.enabled=true but algorithm.kl_coef is 0: the reference model would only be used by "
                              "the KL term; set algorithm.kl_coef > 0 or ref.enabled=auto")

@@ -98,9 +98,11 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
             f"weights.bucket_mb ({cfg.weights.bucket_mb}) must not exceed rollout.weight_bucket_mb "
             f"({cfg.rollout.weight_bucket_mb}): the engine would split a bucket between reload calls"
         )
-    if cfg.actor.ppo_mini_batch_size * cfg.rollout.n < cfg.parallel.dp:
+    smallest_n = min([cfg.rollout.n] + [stage.n for stage in cfg.trainer.stages if stage.n])
+    if cfg.actor.ppo_mini_batch_size * smallest_n < cfg.parallel.dp:
         raise ValueError(
-            f"actor.ppo_mini_batch_size * rollout.n = {cfg.actor.ppo_mini_batch_size * cfg.rollout.n} sequences "
+            f"actor.ppo_mini_batch_size * rollout.n = {cfg.actor.ppo_mini_batch_size * smallest_n} sequences "
+            f"{'(in the trainer.stages stage with the smallest n) ' if smallest_n != cfg.rollout.n else ''}"
             f"cannot feed parallel.dp = {cfg.parallel.dp} ranks"
         )
     handles = num_rollout_handles(cfg)
@@ -251,7 +253,12 @@ class GRPOTrainer:
             print("evaluation before training: " + ", ".join(f"{k[len('eval/'):]} {v:.3f}" for k, v in sorted(before.items())),
                   flush=True)
             self.logger.log_event("eval", 0, {**before, **timer.metrics()}, everywhere=True)
+        stage = None
         for step in range(self.step + 1, cfg.total_steps + 1):
+            previous, stage = stage, cfg.stage_at(step, self.cfg.rollout.n, self.cfg.rollout.max_tokens_per_turn)
+            if cfg.stages and (previous is None or stage.index != previous.index):
+                print(f"step {step}: schedule stage {stage.index} of {len(cfg.stages)} (trainer.stages): rollout.n "
+                      f"{stage.n}, max_tokens_per_turn {stage.max_tokens_per_turn}", flush=True)
             timer = PhaseTimer()
             with timer("step"):
                 collection = self.collect(step, timer)
@@ -277,6 +284,9 @@ class GRPOTrainer:
                 if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.total_steps):
                     with timer("save"):
                         self.save()
+            if cfg.stages:
+                metrics.update({"schedule/stage": float(stage.index), "schedule/n": float(stage.n),
+                                "schedule/max_tokens_per_turn": float(stage.max_tokens_per_turn)})
             self.logger.log(step, {**metrics, **timer.metrics(), "actor/optimizer_steps": self.num_optimizer_steps})
         if "jsonl" in cfg.loggers:
             from megatron_minio3.trainer.logging import read_metrics, summary_lines

@@ -52,7 +52,8 @@ class RolloutRuntime:
         # Every training request carries a seed of its own (rollout/seeds.py), so the engines' seed only drives
         # requests without one; all engines (and the ranks of one engine group) share it.
         rollout_cfg = cfg.rollout
-        max_images = max(cfg.rollout.max_images, cfg.eval.max_images if cfg.trainer.eval_every else 0)
+        evaluates = cfg.trainer.eval_every or cfg.trainer.eval_before_train
+        max_images = max(cfg.rollout.max_images, cfg.eval.max_images if evaluates else 0)
         if group is not None and rollout_cfg.num_engines != 1:
             raise ValueError("rollout.num_engines must be 1 when an engine spans several ranks")
         self.group = group
@@ -68,6 +69,7 @@ class RolloutRuntime:
         logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)
         first = self.engines[0]
         self.loop = AgentLoop.from_config(self.engines, first.tokenizer, first.vision, rollout_cfg, cfg.data)
+        self._training_limits = self.loop.limits  # trainer.stages replace max_tokens_per_turn step by step
         self.reward = RewardManager(cfg.reward)
         self.probe = (
             ParityProbe(
@@ -102,7 +104,8 @@ class RolloutRuntime:
     def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary:
         """Roll out rollout.n samples of each prompt, score and group them; keep the groups with a learning
         signal until take_training_shares; return their summaries (step is 1-based, for reward schedules).
-        `seeds`: each prompt's base sampling seed (rollout/seeds.py)."""
+        `seeds`: each prompt's base sampling seed (rollout/seeds.py). The group size and the per-turn token limit
+        are the trainer.stages schedule's at this step (the driver computes the same, for its logs)."""
         from megatron_minio3.trainer.batch import group_by_prompt, groups_to_keep, summarize_group
         from megatron_minio3.trainer.eval import to_reward_input
 
@@ -114,8 +117,10 @@ class RolloutRuntime:
             self._round = 0
         else:
             self._round += 1
+        stage = cfg.trainer.stage_at(step, cfg.rollout.n, cfg.rollout.max_tokens_per_turn)
+        self.loop.limits = dataclasses.replace(self._training_limits, max_tokens_per_turn=stage.max_tokens_per_turn)
         with self._phase():
-            batch = asyncio.run(self.loop.run(prompts, cfg.rollout.n, seeds=seeds,
+            batch = asyncio.run(self.loop.run(prompts, stage.n, seeds=seeds,
                                               progress_label=f"step {step} generation round {self._round + 1}"))
         started = time.perf_counter()
         results = self.reward.score_sync(

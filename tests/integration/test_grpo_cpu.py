@@ -329,8 +329,21 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(ray_cluster, tiny_h
     rewards, dynamic-sampling rounds, losses, gradient norms and weights (fp32 on CPU). Then a damaged shard of
     B's last checkpoint stops the command line before any worker, naming the file and the checkpoint before it."""
     run_a, run_b = tmp_path / "a", tmp_path / "b"
-    settings = {"trainer.total_steps": 2, "trainer.max_generation_rounds": 2}
-    train(overrides(tiny_hf_dir, dataset, run_a, **settings), capsys)
+    # a progressive schedule (trainer.stages, Vision-R1's PTST): step 2 samples 3 per prompt with shorter turns;
+    # the resumed run picks up the stage of its step. Run A dumps its rollouts.
+    settings = {"trainer.total_steps": 2, "trainer.max_generation_rounds": 2,
+                "trainer.stages": "[{from_step: 2, n: 3, max_tokens_per_turn: 80}]"}
+    stdout = train(overrides(tiny_hf_dir, dataset, run_a, **settings, **{"trainer.dump_rollouts_every": 1}), capsys)
+    assert "step 1: schedule stage 0 of 1 (trainer.stages): rollout.n 4, max_tokens_per_turn 96" in stdout
+    assert "step 2: schedule stage 1 of 1 (trainer.stages): rollout.n 3, max_tokens_per_turn 80" in stdout
+    for record in (r for r in read_metrics(run_a / "metrics.jsonl") if "event" not in r):
+        n = 4 if record["step"] == 1 else 3
+        assert record["schedule/n"] == n and record["schedule/stage"] == record["step"] - 1
+        assert record["rollout/num_trajectories"] == n * record["sampling/num_groups"]
+        turns = [turn["num_generated_tokens"] for line in
+                 (run_a / "rollouts" / f"step_{record['step']:08d}" / "trajectories_handle0.jsonl").read_text().splitlines()
+                 for turn in json.loads(line)["turns"]]
+        assert max(turns) <= (96 if n == 4 else 80), turns
     (run_b / "checkpoints").mkdir(parents=True)
     shutil.copytree(run_a / "checkpoints" / "step_00000001", run_b / "checkpoints" / "step_00000001")
     shutil.copy(run_a / "metrics.jsonl", run_b / "metrics.jsonl")

@@ -241,3 +241,24 @@ def test_trainer_cli_answers_config_mistakes_with_one_line_and_exit_code_2(tmp_p
         assert grpo.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+
+
+def test_stages_schedule_the_group_size_and_turn_limit():
+    """trainer.stages (Vision-R1's PTST): each stage from its step on; 0 keeps the rollout section's value."""
+    cfg = load_config(None, ["trainer.stages=[{from_step: 3, max_tokens_per_turn: 4096}, {from_step: 5, n: 8}, "
+                             "{from_step: 9, n: 4, max_tokens_per_turn: 16384}]", "rollout.n=16",
+                             "rollout.max_tokens_per_turn=2048", "trainer.train_batch_size=8",
+                             "actor.ppo_mini_batch_size=8"])
+    at = lambda step: cfg.trainer.stage_at(step, cfg.rollout.n, cfg.rollout.max_tokens_per_turn)  # noqa: E731
+    assert [(at(s).index, at(s).n, at(s).max_tokens_per_turn) for s in (1, 2, 3, 4, 5, 8, 9, 100)] == [
+        (0, 16, 2048), (0, 16, 2048), (1, 16, 4096), (1, 16, 4096), (2, 8, 2048), (2, 8, 2048), (3, 4, 16384),
+        (3, 4, 16384)]
+    for bad, message in (
+        ("[{from_step: 4}, {from_step: 4}]", "from_step must increase"),
+        ("[{from_step: 0, n: 2}]", r"trainer.stages\[0\]: from_step must be >= 1"),
+        ("[{from_step: 2, n: -1}]", r"trainer.stages\[0\]"),
+        ("[{from_step: 2, max_tokens_per_turn: 40000}]", "must be below rollout.max_total_tokens"),
+        ("[{from_step: 2, turns: 3}]", "trainer.stages"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [f"trainer.stages={bad}"])
