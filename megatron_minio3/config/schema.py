@@ -289,6 +289,21 @@ class Config:
             )
         if self.rollout.n < 1:
             raise ValueError(f"rollout.n must be >= 1, got {self.rollout.n}")
+        if self.rollout.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 for training (sampling), got {self.rollout.temperature}"
+                             " (evaluation samples at eval.temperature)")
+        if self.weights.bucket_mb > self.rollout.weight_bucket_mb:
+            raise ValueError(
+                f"weights.bucket_mb ({self.weights.bucket_mb}) must not exceed rollout.weight_bucket_mb "
+                f"({self.rollout.weight_bucket_mb}): the engine would split a bucket between reload calls"
+            )
+        smallest_n = min([self.rollout.n] + [stage.n for stage in self.trainer.stages if stage.n])
+        if self.actor.ppo_mini_batch_size * smallest_n < self.parallel.dp:
+            raise ValueError(
+                f"actor.ppo_mini_batch_size * rollout.n = {self.actor.ppo_mini_batch_size * smallest_n} sequences "
+                f"{'(in the trainer.stages stage with the smallest n) ' if smallest_n != self.rollout.n else ''}"
+                f"cannot feed parallel.dp = {self.parallel.dp} ranks"
+            )
         for index, stage in enumerate(self.trainer.stages):
             if stage.max_tokens_per_turn >= self.rollout.max_total_tokens:
                 raise ValueError(f"trainer.stages[{index}].max_tokens_per_turn ({stage.max_tokens_per_turn}) must be "

@@ -167,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from megatron_minio3.trainer.prelaunch import prelaunch
+
     try:
-        reward_cfg = load_config(args.config, args.overrides).reward
+        cfg = load_config(args.config, args.overrides)
+        prelaunch(cfg, "reward_server")  # every verifier can be built: names, the judge's variables
+        reward_cfg = cfg.reward
     except ValueError as exc:  # ConfigError included
         print(f"reward server: bad configuration: {exc}", file=sys.stderr)
         return 2

@@ -220,10 +220,12 @@ def _json_safe(value: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from megatron_minio3.config.loader import ConfigError, parse_cli
+    from megatron_minio3.trainer.prelaunch import prelaunch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_cli(sys.argv[1:] if argv is None else argv)
+        prelaunch(cfg, "eval")  # model, tokenizer and templates, the questions, the verifiers
         metrics = evaluate(cfg)
     except (ConfigError, ValueError) as exc:  # user mistakes: config, data files, checkpoint path
         print(f"error: {exc}", file=sys.stderr)

@@ -57,10 +57,8 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
     the launch plan (trainer/launch_plan.py: GPUs, placement per node, memory per GPU per phase), which
     `dry_run` prints."""
     from megatron_minio3.data.images import ImageLoadError
-    from megatron_minio3.data.minio3_json import read_datasets
     from megatron_minio3.packing import padded_length, padding_multiple
     from megatron_minio3.parallel.cpu_compat import cuda_available
-    from megatron_minio3.rewards.manager import RewardManager
     from megatron_minio3.trainer.launch_plan import (
         build_launch_plan,
         check_launch_plan,
@@ -69,15 +67,10 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
         load_hf_config_json,
     )
 
-    if not cfg.model or not Path(cfg.model, "config.json").is_file():
-        raise ValueError(f"model: {cfg.model!r} is not an HF Qwen2.5-VL checkpoint directory (no config.json)")
-    if not cfg.data.train_files:
-        raise ValueError("data.train_files: list the Mini-o3 JSON training files (data.train_files=[a.json])")
-    prompts = read_datasets(cfg.data.train_files, cfg.data.image_dir, check_images=True)
-    if not prompts:
-        raise ValueError(f"data.train_files: {cfg.data.train_files} hold no prompt")
-    if cfg.rollout.temperature <= 0:
-        raise ValueError(f"rollout.temperature must be > 0 for training (sampling), got {cfg.rollout.temperature}")
+    from megatron_minio3.trainer.prelaunch import prelaunch
+
+    # files, images, tokenizer and templates, loggers, verifiers (a dry run plans from config.json alone)
+    prompts = prelaunch(cfg, "grpo", tokenizer=not dry_run).train_prompts
     check_placement(cfg, on_gpus=dry_run or cuda_available())
     hf_config = load_hf_config_json(cfg.model)
     if dry_run or cuda_available():
@@ -93,18 +86,6 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
             f"actor.packing.max_tokens_per_microbatch ({cfg.actor.packing.max_tokens_per_microbatch}) must hold the "
             f"longest trajectory: rollout.max_total_tokens = {cfg.rollout.max_total_tokens} ({longest} with padding)"
         )
-    if cfg.weights.bucket_mb > cfg.rollout.weight_bucket_mb:
-        raise ValueError(
-            f"weights.bucket_mb ({cfg.weights.bucket_mb}) must not exceed rollout.weight_bucket_mb "
-            f"({cfg.rollout.weight_bucket_mb}): the engine would split a bucket between reload calls"
-        )
-    smallest_n = min([cfg.rollout.n] + [stage.n for stage in cfg.trainer.stages if stage.n])
-    if cfg.actor.ppo_mini_batch_size * smallest_n < cfg.parallel.dp:
-        raise ValueError(
-            f"actor.ppo_mini_batch_size * rollout.n = {cfg.actor.ppo_mini_batch_size * smallest_n} sequences "
-            f"{'(in the trainer.stages stage with the smallest n) ' if smallest_n != cfg.rollout.n else ''}"
-            f"cannot feed parallel.dp = {cfg.parallel.dp} ranks"
-        )
     handles = num_rollout_handles(cfg)
     if cfg.trainer.prompts_per_round < handles:
         multiplier = cfg.trainer.prompts_per_round_multiplier
@@ -116,13 +97,6 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
             f"({_handles_origin(cfg)}): some engines would never generate; raise trainer.train_batch_size so that a "
             f"round has at least {handles} prompts"
         )
-    if cfg.trainer.eval_every or cfg.trainer.eval_before_train:
-        if not cfg.data.val_files:
-            key = "trainer.eval_every" if cfg.trainer.eval_every else "trainer.eval_before_train"
-            raise ValueError(f"{key} is set but data.val_files is empty: list the evaluation files")
-        read_datasets(cfg.data.val_files, cfg.data.image_dir, cfg.eval.max_prompts)
-    check_loggers(cfg)
-    RewardManager(cfg.reward)  # a verifier that cannot be built (e.g. a judge without its API key) fails here
     checkpoints = CheckpointManager(Path(cfg.trainer.output_dir) / "checkpoints", cfg.trainer.keep_last_checkpoints)
     resume_from = checkpoints.select(cfg.trainer.resume)  # every file checked against its recorded checksum
     probe_prompts = prompts[: cfg.weights.probe_num_prompts if cfg.weights.probe_every else 0]
@@ -132,17 +106,6 @@ def prepare(cfg: Config, *, dry_run: bool = False) -> RunPlan:
     except ImageLoadError as err:
         raise ValueError(f"weights.probe_num_prompts: the probe uses the first training prompts, and {err}") from None
     return RunPlan(prompts, probe_prompts, checkpoints, resume_from)
-
-
-def check_loggers(cfg: Config) -> None:
-    """The packages trainer.loggers needs are importable (before any process starts)."""
-    for name, module, package in (("wandb", "wandb", "wandb"), ("tensorboard", "tensorboard", "tensorboard")):
-        if name in cfg.trainer.loggers:
-            try:
-                __import__(module)
-            except ImportError:
-                raise ValueError(f"trainer.loggers: {name!r} needs the {package} package (pip install {package})") \
-                    from None
 
 
 def num_rollout_handles(cfg: Config) -> int:

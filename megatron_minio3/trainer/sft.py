@@ -36,14 +36,9 @@ class SftRunPlan:
 def prepare_sft(cfg: Config) -> SftRunPlan:
     """Checks that need no worker: ValueError naming the key at fault."""
     from megatron_minio3.packing import padded_length, padding_multiple
+    from megatron_minio3.trainer.prelaunch import prelaunch
 
-    if not cfg.model or not Path(cfg.model, "config.json").is_file():
-        raise ValueError(f"model: {cfg.model!r} is not an HF Qwen2.5-VL checkpoint directory (no config.json)")
-    if not cfg.sft.train_files:
-        raise ValueError("sft.train_files: list the SFT conversation files (sharegpt .json/.jsonl or .parquet)")
-    for file in cfg.sft.train_files:
-        if not Path(file).is_file():
-            raise ValueError(f"sft.train_files: {file} is not a file")
+    prelaunch(cfg, "sft")  # model, tokenizer and templates, the files, loggers
     if cfg.sft.batch_size < cfg.parallel.dp:
         raise ValueError(f"sft.batch_size ({cfg.sft.batch_size}) must be at least parallel.dp ({cfg.parallel.dp}): "
                          "every data-parallel rank needs a conversation per step")
@@ -51,9 +46,6 @@ def prepare_sft(cfg: Config) -> SftRunPlan:
     if cfg.actor.packing.max_tokens_per_microbatch < longest:
         raise ValueError(f"actor.packing.max_tokens_per_microbatch ({cfg.actor.packing.max_tokens_per_microbatch}) "
                          f"must hold the longest conversation: sft.max_length = {cfg.sft.max_length} ({longest} padded)")
-    from megatron_minio3.trainer.grpo import check_loggers
-
-    check_loggers(cfg)
     checkpoints = CheckpointManager(Path(cfg.trainer.output_dir) / "checkpoints", cfg.trainer.keep_last_checkpoints)
     return SftRunPlan(checkpoints, checkpoints.select(cfg.trainer.resume))  # every file checked against its checksum
 
