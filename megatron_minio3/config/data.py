@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_minio3.config.files import read_text_files
+
 IMAGE_MARKER = "<image>"  # where an image goes, in data files and templates
 RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos")  # data.image_resample / crop_resample (PIL filters)
 
@@ -81,18 +83,7 @@ class DataConfig:
 def read_template_files(cfg: DataConfig) -> None:
     """Replace each template named in cfg.template_files by its file's text (less one final newline, which
     editors add); ValueError naming the key and the file at fault."""
-    for key, path in sorted(cfg.template_files.items()):
-        if key not in TEMPLATE_KEYS:
-            raise ValueError(f"data.template_files: unknown template {key!r}; choose from {', '.join(TEMPLATE_KEYS)}")
-        try:
-            with open(path, encoding="utf-8", newline="") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"data.template_files.{key}: cannot read {path}: {err}") from None
-        for ending in ("\r\n", "\n"):  # one final line end, as an editor saves it
-            if text.endswith(ending):
-                text = text[: -len(ending)]
-                break
+    for key, text in read_text_files(cfg.template_files, TEMPLATE_KEYS, "data.template_files", "template").items():
         setattr(cfg, key, text)
     cfg.template_files = {}
 

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_minio3.config.files import read_text_files
+
 DEFAULT_JUDGE_SYSTEM_PROMPT = (
     "You grade answers to visual questions. You cannot see the image; compare the model's prediction "
     "with the reference answer only."
@@ -288,13 +290,6 @@ def check_azure_endpoint(endpoint: str, where: str) -> None:
 def read_prompt_files(cfg: JudgeConfig) -> None:
     """Replace each prompt named in cfg.prompt_files by its file's text (less one final newline, which editors
     add); ValueError naming the key and the file at fault."""
-    for key, path in sorted(cfg.prompt_files.items()):
-        if key not in PROMPT_KEYS:
-            raise ValueError(f"reward.judge.prompt_files: unknown prompt {key!r}; choose from {', '.join(PROMPT_KEYS)}")
-        try:
-            with open(path, encoding="utf-8", newline="") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"reward.judge.prompt_files.{key}: cannot read {path}: {err}") from None
-        setattr(cfg, key, text[:-1] if text.endswith("\n") else text)
+    for key, text in read_text_files(cfg.prompt_files, PROMPT_KEYS, "reward.judge.prompt_files", "prompt").items():
+        setattr(cfg, key, text)
     cfg.prompt_files = {}

@@ -171,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        prelaunch(cfg, "reward_server")  # every verifier can be built: names, the judge's variables
         reward_cfg = cfg.reward
     except ValueError as exc:  # ConfigError included
         print(f"reward server: bad configuration: {exc}", file=sys.stderr)
@@ -186,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        prelaunch(cfg, "reward_server")  # every verifier can be built: names, the judge's variables
         app = build_app(reward_cfg, token)
     except ValueError as exc:
         print(f"reward server: bad configuration: {exc}", file=sys.stderr)

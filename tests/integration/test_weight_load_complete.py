@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.distributed import REPO_ROOT, run_torchrun
 
 SCRIPT = REPO_ROOT / "tests/integration/scripts/wsync_complete.py"
@@ -20,6 +22,7 @@ BUCKET_BYTES = 768 << 10  # many buckets (one reload call each) for the tiny mod
 BUFFER_ONLY_MODULES = {"RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm"}
 
 
+@pytest.mark.slow  # 42 s; the default run keeps the colocated sync's parity test (test_weight_sync.py)
 def test_sync_loads_every_tensor_and_drops_only_the_partial_reload_warnings(tiny_hf_dir, tmp_path):
     run_torchrun(SCRIPT, 1, ["--hf-dir", tiny_hf_dir, "--out-dir", tmp_path, "--bucket-bytes", BUCKET_BYTES],
                  timeout=600, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})

@@ -11,7 +11,6 @@ it. Writes OUT/result.json.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -20,17 +19,14 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor
 
-from megatron_minio3.convert.qwen2_5_vl import checkpoint_rules, detect_naming
-from megatron_minio3.convert.safetensors_io import SafetensorsReader
+from megatron_minio3.convert.qwen2_5_vl import checkpoint_rules
 from megatron_minio3.packing import pack_sequences
-from megatron_minio3.parallel import destroy_parallel, init_parallel
+from megatron_minio3.parallel import destroy_parallel
 from megatron_minio3.rollout.agent_loop import AgentLoop
 from megatron_minio3.rollout.engine import VllmEngine
-from megatron_minio3.weights.export import WeightExporter
 from megatron_minio3.weights.probe import ParityProbe
 from megatron_minio3.weights.sync import InProcessTarget, sync_weights
-from megatron_minio3.workers.actor.actor import ReferencePolicy
-from tests.integration.scripts.wsync_common import DATA_CFG, ENGINE_CFG, make_probe
+from tests.integration.scripts.wsync_common import DATA_CFG, ENGINE_CFG, in_process_args, make_probe, perturb, policy_and_exporter
 
 
 def memory_kib(field: str) -> int:
@@ -50,21 +46,9 @@ def peak_extra_bytes(run):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--bucket-bytes", type=int, required=True)
-    args = parser.parse_args()
-
-    init_parallel(tp=1, pp=1, seed=5)
-    policy = ReferencePolicy.from_hf(args.hf_dir, "float32", temperature=1.0, offload_to_host=False)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in policy.model.parameters():
-            param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    with SafetensorsReader(args.hf_dir) as reader:
-        naming = detect_naming(reader.names(), where=args.hf_dir)
-    exporter = WeightExporter(policy.model, naming, bucket_bytes=args.bucket_bytes, dtype=torch.float32)
+    args = in_process_args()
+    policy, naming, exporter = policy_and_exporter(args.hf_dir, args.bucket_bytes)
+    perturb(policy.model)
     cfg = policy.model.model_cfg
     largest = max(4 * torch.Size(rule.megatron_shape).numel() for rule in checkpoint_rules(cfg, naming))
 

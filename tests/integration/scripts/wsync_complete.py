@@ -15,7 +15,6 @@ Writes OUT/result.json (names and counts; the test asserts on them).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -25,14 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from megatron_minio3.convert.qwen2_5_vl import detect_naming
-from megatron_minio3.convert.safetensors_io import SafetensorsReader
-from megatron_minio3.parallel import destroy_parallel, init_parallel
+from megatron_minio3.parallel import destroy_parallel
 from megatron_minio3.rollout.engine import VllmEngine
-from megatron_minio3.weights.export import WeightExporter
 from megatron_minio3.weights.sync import InProcessTarget, sync_weights
-from megatron_minio3.workers.actor.actor import ReferencePolicy
-from tests.integration.scripts.wsync_common import ENGINE_CFG
+from tests.integration.scripts.wsync_common import ENGINE_CFG, in_process_args, perturb, policy_and_exporter
 
 RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                   "vllm.model_executor.model_loader.reload.inplace")
@@ -127,17 +122,8 @@ def engine_tensors(worker, input_sizes: dict[str, int]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--bucket-bytes", type=int, required=True)
-    args = parser.parse_args()
-
-    init_parallel(tp=1, pp=1, seed=5)
-    policy = ReferencePolicy.from_hf(args.hf_dir, "float32", temperature=1.0, offload_to_host=False)
-    with SafetensorsReader(args.hf_dir) as reader:
-        naming = detect_naming(reader.names(), where=args.hf_dir)
-    exporter = WeightExporter(policy.model, naming, bucket_bytes=args.bucket_bytes, dtype=torch.float32)
+    args = in_process_args()
+    policy, _, exporter = policy_and_exporter(args.hf_dir, args.bucket_bytes)
     engine = VllmEngine(ENGINE_CFG, args.hf_dir)
     records = Records()
     loggers = [logging.getLogger(name) for name in RELOAD_LOGGERS]
@@ -159,10 +145,7 @@ def main() -> None:
     # 2. perturb, sync through VllmEngine
     expected_shapes = expected_engine_tensors(original)
     input_sizes = {name: t.shape[1] for name, t in expected_shapes.items() if t.dim() == 2}
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in policy.model.parameters():
-            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    perturb(policy.model)
     before = engine._call(lambda e: e.collective_rpc(engine_tensors, args=(input_sizes,)))[0]
     filters_before = [list(reload_logger.filters) for reload_logger in loggers]
     recorder = Recorder()
