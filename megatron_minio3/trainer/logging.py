@@ -95,6 +95,21 @@ class MetricsLogger:
                 handle.write(json.dumps(record) + "\n")
         if "console" in self.sinks:
             self.print(self.format(step, self.total_steps, metrics))
+        self._to_dashboards(step, metrics)
+
+    def log_event(self, event: str, step: int, metrics: dict[str, float], *, everywhere: bool = False) -> None:
+        """A record outside the step series (e.g. the parity probe before the first step): jsonl only, or with
+        everywhere=True (the evaluation before training, at step 0) also TensorBoard and wandb."""
+        if everywhere:
+            self._to_dashboards(step, metrics)
+        if "jsonl" in self.sinks:
+            record = {"event": event, "step": step, "time": time.time(),
+                      **{k: _json_value(v) for k, v in sorted(metrics.items())}}
+            with self.jsonl_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _to_dashboards(self, step: int, metrics: dict[str, float]) -> None:
+        """TensorBoard scalars (non-finite values left out) and wandb, when configured."""
         if self._tensorboard is not None:
             for key, value in sorted(metrics.items()):
                 if math.isfinite(value):
@@ -102,22 +117,6 @@ class MetricsLogger:
             self._tensorboard.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
-
-    def log_event(self, event: str, step: int, metrics: dict[str, float], *, everywhere: bool = False) -> None:
-        """A record outside the step series (e.g. the parity probe before the first step): jsonl only, or with
-        everywhere=True (the evaluation before training, at step 0) also TensorBoard and wandb."""
-        if everywhere and self._tensorboard is not None:
-            for key, value in sorted(metrics.items()):
-                if math.isfinite(value):
-                    self._tensorboard.add_scalar(key, value, global_step=step)
-            self._tensorboard.flush()
-        if everywhere and self._wandb is not None:
-            self._wandb.log(metrics, step=step)
-        if "jsonl" in self.sinks:
-            record = {"event": event, "step": step, "time": time.time(),
-                      **{k: _json_value(v) for k, v in sorted(metrics.items())}}
-            with self.jsonl_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
 
     def log_generations(self, step: int, samples: list[dict]) -> None:
         """Sampled validation generations (trainer.log_val_generations; keys of GENERATION_COLUMNS): appended to
