@@ -66,3 +66,45 @@ def kill_marked(env: dict[str, str]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _start_times() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, start time)} of the live processes (zombies left out)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in (b"Z", b"X"):
+                table[int(entry)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def marked_tree(env: dict[str, str]) -> dict[int, int]:
+    """{pid: start time} of the marked processes and all their descendants: a process that overwrites its
+    environment area (Ray's agents, through setproctitle) no longer shows the marker but is still a child."""
+    table = _start_times()
+    found = set(marked_processes(env)) & set(table)
+    grew = True
+    while grew:
+        more = {pid for pid, (parent, _) in table.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
+    return {pid: table[pid][1] for pid in found}
+
+
+def alive_of(snapshot: dict[int, int], exclude: tuple[int, ...] = ()) -> dict[int, str]:
+    """{pid: command line} of the processes of a `marked_tree` snapshot still alive (same pid and start time)."""
+    table = _start_times()
+    left = {}
+    for pid, started in snapshot.items():
+        if pid not in exclude and table.get(pid, (0, None))[1] == started:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    left[pid] = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+    return left

@@ -27,7 +27,8 @@ from megatron_minio3.trainer.checkpoint import STATE_FILE, CheckpointManager
 from megatron_minio3.trainer.logging import read_metrics
 from megatron_minio3.trainer.sampler import PromptSampler
 from tests.distributed import REPO_ROOT
-from tests.processes import kill_marked, marked_processes, new_marker, wait_for_process, wait_until_gone
+from tests.processes import (alive_of, kill_marked, marked_processes, marked_tree, new_marker, wait_for_process,
+                             wait_until_gone)
 
 TOOL_REGEX = (
     r"<think>[a-z ]{1,6}</think>("
@@ -383,8 +384,9 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(ray_cluster, tiny_h
 def test_a_killed_driver_leaves_no_process_behind(tiny_hf_dir, dataset, tmp_path):
     """SIGKILL of the command line once its actor rank runs: its watchdog (trainer/reaper.py) ends what it started
     (Ray's GCS, raylet, agents and workers, the engine). Before it, Ray's DashboardAgent and RuntimeEnvAgent
-    stayed (about 200 MB; they ignore SIGTERM)."""
-    marker = new_marker()
+    stayed (about 200 MB; they ignore SIGTERM); CI once saw them stay because setproctitle had zeroed the run id in
+    their environment area: the tree of the run is recorded before the kill and checked too."""
+    marker, tree = new_marker(), {}
     log = tmp_path / "run.log"
     with log.open("w") as handle:
         driver = subprocess.Popen(
@@ -395,11 +397,19 @@ def test_a_killed_driver_leaves_no_process_behind(tiny_hf_dir, dataset, tmp_path
         wait_for_process(marker, "ray::ActorWorker", timeout=300, alive=lambda: driver.poll() is None)
         time.sleep(2)  # the worker is building its model and engine
         assert len(marked_processes(marker)) >= 6  # driver, GCS, raylet, agents, worker, ...
+        tree = marked_tree(marker)  # with Ray's agents, whose environment area setproctitle zeroes
+        assert any(command.startswith("ray::DashboardAgent") for command in alive_of(tree).values()), alive_of(tree)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         killed = time.monotonic()
         left = wait_until_gone(marker, timeout=60)
         assert left == {}, left
+        deadline = time.monotonic() + 10
+        while alive_of(tree, exclude=(driver.pid,)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert alive_of(tree, exclude=(driver.pid,)) == {}, (alive_of(tree), log.read_text()[-3000:])
         print(f"every process of the run gone {time.monotonic() - killed:.1f} s after the driver's SIGKILL")
     finally:
         kill_marked(marker)
+        for pid in alive_of(tree):
+            os.kill(pid, signal.SIGKILL)
