@@ -14,9 +14,12 @@ A prompt whose image is missing, corrupt or unusable is skipped with a warning a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import hashlib
 import itertools
 import logging
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -50,6 +53,8 @@ from megatron_minio3.rollout.trajectory import (
 
 logger = logging.getLogger(__name__)
 
+TOOL_THREADS = 4  # the agent loop's pool for tool calls and prompt preparation
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -70,6 +75,8 @@ class GenerationRequest:
     banned_token_ids: tuple[int, ...] = ()
     guided_regex: str = ""  # constrain the turn to this regex ("" = free generation)
     seed: int | None = None  # this request's own sampling seed (rollout/seeds.py); None: the engine's stream
+    image_ids: tuple[str, ...] = ()  # a content id per image (image_content_id), or () to let the engine hash them
+    continues: bool = False  # a later turn: its prompt extends an earlier request's (prefix-cache statistics)
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class GenerationResult:
     text: str  # decoded with special tokens skipped, cut after the stop string
     finish_reason: str  # "stop" or "length"
     prompt_token_ids: list[int]  # the prompt as the engine saw it, image pads expanded
+    num_cached_tokens: int = 0  # of the prompt, found in the engine's prefix cache (not computed again)
 
 
 class GenerationEngine(Protocol):
@@ -129,11 +137,13 @@ class RolloutBatch:
     trajectories: list[Trajectory]
     skipped: list[SkippedPrompt]
     wall_s: float
+    tail_s: float = 0.0  # the last trajectory's finish minus the median finish (tail_seconds)
 
     def metrics(self) -> dict[str, float]:
-        """Batch-level rollout metrics (means over trajectories, counts, throughput)."""
-        return rollout_metrics([traj.summary() for traj in self.trajectories],
-                               [s.reason for s in self.skipped], self.wall_s)
+        """Batch-level rollout metrics (means over trajectories, counts, throughput, tail)."""
+        return {**rollout_metrics([traj.summary() for traj in self.trajectories],
+                                  [s.reason for s in self.skipped], self.wall_s),
+                "rollout/tail_s": self.tail_s}
 
 
 def rollout_metrics(
@@ -214,6 +224,7 @@ class _TrajectoryState:
     turns: list[TurnRecord] = field(default_factory=list)
     turn_texts: list[str] = field(default_factory=list)
     done: bool = False
+    pending_call: str | None = None  # the text of a tool call still to execute (run_tool)
     exceed: bool = False
     void: bool = False
     truncated: bool = False
@@ -241,6 +252,8 @@ class _TrajectoryState:
             banned_token_ids=self.loop.turns.placeholder_ids,
             guided_regex=limits.guided_regex,
             seed=None if self.prompt_seed is None else request_seed(self.prompt_seed, self.sample_index, len(self.turns)),
+            image_ids=tuple(image.content_id for image in self.images) if all(i.content_id for i in self.images) else (),
+            continues=bool(self.turns),
         )
 
     def consume(self, result: GenerationResult, generate_s: float) -> None:
@@ -266,6 +279,7 @@ class _TrajectoryState:
             finish_reason=result.finish_reason,
             tool_call=has_tool_call(result.text),
             generate_s=generate_s,
+            num_cached_prompt_tokens=result.num_cached_tokens,
         )
         self.turns.append(turn)
         if not turn.tool_call:
@@ -277,8 +291,17 @@ class _TrajectoryState:
         if len(self.images) >= limits.max_images:
             self._finish_exceeded("max_images")
             return
+        self.pending_call = result.text
+
+    def run_tool(self) -> None:
+        """Execute the pending call and append its observation (or error) turn. Pure CPU work on this trajectory's
+        own state: the loop runs it in its tool pool, off the event loop."""
+        text, self.pending_call = self.pending_call, None
+        assert text is not None, "run_tool without a pending call"
+        limits = self.loop.limits
+        turn = self.turns[-1]
         tool_started = time.perf_counter()
-        new_image, compact_turn = self._run_tool(result.text, turn)
+        new_image, compact_turn = self._run_tool(text, turn)
         counts = [] if new_image is None else [num_image_tokens(new_image.grid_thw, self.loop.vision.merge_size)]
         expanded_turn = expand_image_pads(compact_turn, counts, self.loop.turns.image_pad_id)
         turn.tool_s = time.perf_counter() - tool_started
@@ -318,6 +341,7 @@ class _TrajectoryState:
             origin="crop",
             source_index=index,
             box=box,
+            content_id=image_content_id(model),
         )
         observation_index = len(self.images)
         return new_image, loop.turns.observation_ids(action=observation_index - 1, observation=observation_index)
@@ -396,6 +420,11 @@ class AgentLoop:
         self.crop_resample = resample_from_name(data_cfg.crop_resample, "data.crop_resample")
         self.request_counter = itertools.count()
         self._active_per_engine = [0] * len(self.engines)
+        # Tool calls (crop, resize, tokenize the observation turn) and prompt preparation run here, off the event
+        # loop, so that results and next turns of other trajectories are never held up by them.
+        self._tool_pool = concurrent.futures.ThreadPoolExecutor(max_workers=TOOL_THREADS,
+                                                                thread_name_prefix="agent-tool")
+        weakref.finalize(self, self._tool_pool.shutdown, wait=False)
 
     @classmethod
     def from_config(
@@ -439,7 +468,7 @@ class AgentLoop:
             images.append(
                 TrajectoryImage(
                     raw=raw, model=model, grid_thw=image_grid_thw(model.size, self.vision.patch_size),
-                    origin="prompt", path=path,
+                    origin="prompt", path=path, content_id=image_content_id(model),
                 )
             )
         compact = self.turns.prompt_ids(prompt.question, len(images))
@@ -453,9 +482,12 @@ class AgentLoop:
                                                  f"= {self.limits.max_prompt_tokens}")
         return _PreparedPrompt(prompt=prompt, images=images, compact_ids=compact, expanded_ids=expanded)
 
+    async def _in_pool(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tool_pool, function, *args)
+
     async def _prepare_or_skip(self, prompt: Prompt, skipped: list[SkippedPrompt]) -> _PreparedPrompt | None:
         try:
-            return await asyncio.to_thread(self._prepare, prompt)
+            return await self._in_pool(self._prepare, prompt)
         except _SkipPrompt as exc:
             logger.warning("skipping prompt %s (%s): %s", prompt.uid, exc.reason, exc.detail)
             skipped.append(SkippedPrompt(prompt.uid, exc.reason, exc.detail))
@@ -473,11 +505,13 @@ class AgentLoop:
                 submitted = time.perf_counter()
                 result = await engine.generate(state.request())
                 state.consume(result, time.perf_counter() - submitted)
+                if state.pending_call is not None:
+                    await self._in_pool(state.run_tool)
         finally:
             self._active_per_engine[engine_index] -= 1
         return state.to_trajectory()
 
-    async def _run_prompt(self, prompt: Prompt, num_samples: int, skipped: list[SkippedPrompt],
+    async def _run_prompt(self, prompt: Prompt, num_samples: int, skipped: list[SkippedPrompt], finished: list[float],
                           prompt_seed: int | None = None, progress: Progress | None = None) -> list[Trajectory]:
         prepared = await self._prepare_or_skip(prompt, skipped)
         if prepared is None:
@@ -488,6 +522,7 @@ class AgentLoop:
 
         async def chain(state: _TrajectoryState) -> Trajectory:
             trajectory = await self._run_chain(state)
+            finished.append(time.perf_counter())
             if progress is not None:
                 progress.update(1)
             return trajectory
@@ -495,7 +530,8 @@ class AgentLoop:
         return list(await asyncio.gather(*(chain(state) for state in states)))
 
     async def _run_lock_step(self, prompts: Sequence[Prompt], num_samples: int, skipped: list[SkippedPrompt],
-                             seeds: Sequence[int | None], progress: Progress | None = None) -> list[Trajectory]:
+                             finished: list[float], seeds: Sequence[int | None],
+                             progress: Progress | None = None) -> list[Trajectory]:
         prepared = await asyncio.gather(*(self._prepare_or_skip(prompt, skipped) for prompt in prompts))
         states = [_TrajectoryState(self, p, i, seed) for p, seed in zip(prepared, seeds) if p is not None
                   for i in range(num_samples)]
@@ -508,6 +544,8 @@ class AgentLoop:
             elapsed = time.perf_counter() - started
             for state, result in zip(active, results):
                 state.consume(result, elapsed)
+            await asyncio.gather(*(self._in_pool(state.run_tool) for state in active if state.pending_call is not None))
+            finished += [time.perf_counter()] * sum(state.done for state in active)
             if progress is not None:
                 progress.update(sum(state.done for state in active))
             active = [state for state in active if not state.done]
@@ -528,12 +566,32 @@ class AgentLoop:
         skipped: list[SkippedPrompt] = []
         progress = (Progress(len(prompts) * num_samples, progress_label, unit="trajectory")
                     if progress_label else None)
+        finished: list[float] = []  # when each trajectory was done
         if turn_synchronous:
-            trajectories = await self._run_lock_step(prompts, num_samples, skipped, per_prompt, progress)
+            trajectories = await self._run_lock_step(prompts, num_samples, skipped, finished, per_prompt, progress)
         else:
-            groups = await asyncio.gather(*(self._run_prompt(p, num_samples, skipped, seed, progress)
+            groups = await asyncio.gather(*(self._run_prompt(p, num_samples, skipped, finished, seed, progress)
                                             for p, seed in zip(prompts, per_prompt)))
             trajectories = [traj for group in groups for traj in group]
         if progress is not None:
             progress.close()
-        return RolloutBatch(trajectories=trajectories, skipped=skipped, wall_s=time.perf_counter() - started)
+        return RolloutBatch(trajectories=trajectories, skipped=skipped, wall_s=time.perf_counter() - started,
+                            tail_s=tail_seconds(finished))
+
+
+def tail_seconds(finish_times: Sequence[float]) -> float:
+    """How long the last trajectory kept the batch waiting: its finish time minus the median finish time."""
+    if not finish_times:
+        return 0.0
+    ordered = sorted(finish_times)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return ordered[-1] - median
+
+
+def image_content_id(image: Image.Image) -> str:
+    """An id of an image's pixels (mode, size, bytes), computed once per image so that the engine need not hash
+    every image of a trajectory's context again at every turn (vLLM's multi_modal_uuids)."""
+    digest = hashlib.blake2b(f"{image.mode}:{image.width}x{image.height}:".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return "minio3-" + digest.hexdigest()

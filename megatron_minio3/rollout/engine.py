@@ -5,6 +5,12 @@ vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here before v
 adds requests as they arrive, steps the engine while any request is unfinished, and resolves each
 request's future the moment it finishes. `generate` is therefore fully asynchronous, the same contract as
 vLLM's AsyncLLM: a trajectory's next turn can be submitted while other requests are still decoding.
+With an accelerator, a second thread renders requests (vLLM's input processing: the image processor, multimodal
+caches) in arrival order before they reach the engine thread, as AsyncLLM does on its renderer
+pool, so the thread that drives the model does not hold it up while the accelerator works. On CPU the engine
+thread renders them itself: there the model's own work holds the GIL, and a render thread measured no faster and
+split arrivals over more engine steps (docs/rollout.md). `stats()` gives what a phase cost: engine busy time,
+prompt tokens computed versus found in the prefix cache, images sent versus run through the encoder.
 Scripts that create an engine need an `if __name__ == "__main__":` guard (vLLM may spawn processes).
 """
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -32,8 +39,41 @@ _STOP = object()
 
 @dataclass(frozen=True)
 class _Pending:
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future | None
+    continues: bool = False  # the request continues an earlier one (a later turn)
+
+
+@dataclass
+class EngineStats:
+    """What the engine did since the last `VllmEngine.stats(reset=True)`."""
+
+    requests: int = 0
+    steps: int = 0
+    busy_s: float = 0.0  # engine thread: stepping the model, adding requests (and rendering them, on CPU)
+    render_s: float = 0.0  # rendering requests (vLLM's input processing), on whichever thread does it
+    prompt_tokens: int = 0  # prompt tokens of the finished requests, image pads expanded
+    cached_prompt_tokens: int = 0  # of those, found in the prefix cache (not computed again)
+    later_prompt_tokens: int = 0  # prompt tokens of requests continuing an earlier one (turn 2 on)
+    later_cached_prompt_tokens: int = 0
+    images_sent: int = 0  # images in the requests (a trajectory sends every image of its context each turn)
+    images_encoded: int = 0  # images run through the vision encoder
+
+    def metrics(self, wall_s: float) -> dict[str, float]:
+        """rollout/engine/* metrics of this engine's work over a phase of `wall_s` seconds (they depend on timing:
+        which requests meet in one engine step decides what the caches hold)."""
+        return {
+            "rollout/engine/prefix_cache_hit_rate": self.cached_prompt_tokens / max(self.prompt_tokens, 1),
+            "rollout/engine/prefix_cache_hit_rate_later_turns":
+                self.later_cached_prompt_tokens / max(self.later_prompt_tokens, 1),
+            "rollout/engine/encoder_cache_hit_rate": 1.0 - self.images_encoded / max(self.images_sent, 1),
+            "rollout/engine/images_encoded": float(self.images_encoded),
+            "rollout/engine/busy_share": min(self.busy_s / wall_s, 1.0) if wall_s > 0 else 0.0,
+            "rollout/engine/steps": float(self.steps),
+        }
+
+    def add(self, other: EngineStats) -> EngineStats:
+        return EngineStats(**{name: getattr(self, name) + getattr(other, name) for name in self.__dataclass_fields__})
 
 
 CPU_MAX_BATCHED_TOKENS = 8192  # tokens per engine step on CPU, where prompts are never split (see below)
@@ -84,9 +124,10 @@ class VllmEngine:
     """One vLLM engine for the agent loop (implements agent_loop.GenerationEngine)."""
 
     def __init__(self, cfg: RolloutConfig, model_path: str | Path, *, max_images: int | None = None,
-                 group: EngineGroup | None = None):
+                 group: EngineGroup | None = None, render_thread: bool | None = None):
         """`group`: this engine spans the ranks of an EngineGroup (rollout/spmd.py); every rank of the group
-        constructs its VllmEngine at the same time. The leader serves `generate`; the others `follow`."""
+        constructs its VllmEngine at the same time. The leader serves `generate`; the others `follow`.
+        `render_thread`: render requests on a thread of their own (default: where CUDA is available)."""
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise ValueError(
                 "VLLM_ENABLE_V1_MULTIPROCESSING is set to a non-zero value; the rollout engine runs vLLM in "
@@ -108,10 +149,17 @@ class VllmEngine:
         self._pending: dict[str, _Pending] = {}
         self._failure: BaseException | None = None
         self._updating = False
+        self._stats = EngineStats()
+        self._render_inline = not (_cuda_available() if render_thread is None else render_thread)
+        # One thread, so requests are rendered in arrival order: vLLM's processor cache on the rendering side and
+        # its mirror in the engine core must see the same sequence of images.
+        self._render_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-render")
         started: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._serve, args=(started,), name="vllm-engine", daemon=True)
         self._thread.start()
         self._engine = started.result()  # re-raises a start-up failure here
+        self.block_size: int = self._engine.vllm_config.cache_config.block_size  # the prefix cache's granularity
+        self._call(lambda engine: engine.collective_rpc(_count_encoded_images))
 
     # ------------------------------------------------------------------ engine thread
 
@@ -139,6 +187,7 @@ class VllmEngine:
             if command is not None:
                 command()
                 continue  # drain every queued command before the next step
+            started_step = time.perf_counter()
             try:
                 if self.group is not None:  # the followers make the same calls, then step with us
                     self.group.publish(self._calls)
@@ -147,27 +196,26 @@ class VllmEngine:
             except BaseException as exc:  # noqa: BLE001 - every waiter gets the error
                 self._fail_all(exc)
                 return
+            self._stats.steps += 1
             for output in outputs:
                 if output.finished:
+                    self._count_prompt(output)
                     self._resolve(output.request_id, result=self._to_result(output))
+            self._stats.busy_s += time.perf_counter() - started_step
+
+    def _count_prompt(self, output: Any) -> None:
+        stats = self._stats
+        prompt, cached = len(output.prompt_token_ids), output.num_cached_tokens or 0
+        stats.prompt_tokens += prompt
+        stats.cached_prompt_tokens += cached
+        if self._pending.get(output.request_id, _Pending(None, None)).continues:
+            stats.later_prompt_tokens += prompt
+            stats.later_cached_prompt_tokens += cached
 
     def _resolve(self, request_id: str, *, result: Any = None, error: BaseException | None = None) -> None:
         pending = self._pending.pop(request_id, None)
-        if pending is None:
-            return
-
-        def deliver() -> None:
-            if pending.future.done():
-                return
-            if error is not None:
-                pending.future.set_exception(error)
-            else:
-                pending.future.set_result(result)
-
-        try:
-            pending.loop.call_soon_threadsafe(deliver)
-        except RuntimeError:  # the caller's event loop is closed: nobody waits for this result any more
-            pass
+        if pending is not None:
+            _deliver(pending.loop, pending.future, result=result, error=error)
 
     def _fail_all(self, exc: BaseException) -> None:
         self._failure = exc
@@ -184,6 +232,7 @@ class VllmEngine:
             text=completion.text,
             finish_reason=str(completion.finish_reason),
             prompt_token_ids=list(output.prompt_token_ids),
+            num_cached_tokens=output.num_cached_tokens or 0,
         )
 
     def _call(self, function: Callable[[Any], Any]) -> Any:
@@ -236,27 +285,64 @@ class VllmEngine:
         prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images}
+            if request.image_ids:  # content ids computed once per image: vLLM need not hash every image each turn
+                prompt["multi_modal_uuids"] = {"image": list(request.image_ids)}
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         request_id = request.request_id
+        pending = _Pending(loop, future, continues=request.continues)
 
-        def add(engine: Any) -> None:
-            self._pending[request_id] = _Pending(loop, future)
-            call = ("add", request_id, {**prompt}, params)  # as given, whatever the engine does with it
+        def add(engine: Any, rendered: Any) -> None:
+            if future.done():  # cancelled while it was being rendered
+                return
+            started = time.perf_counter()
+            self._pending[request_id] = pending
             try:
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, rendered, params)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails only its own caller
                 self._resolve(request_id, error=exc)
                 return
-            if self.group is not None:
-                self._calls.append(call)
+            finally:
+                self._stats.busy_s += time.perf_counter() - started
+            self._stats.requests += 1
+            self._stats.images_sent += len(request.images)
+            if self.group is not None:  # the followers render the request as given themselves
+                self._calls.append(("add", request_id, {**prompt}, params))
 
-        self._commands.put(lambda: add(self._engine))
+        def render() -> None:
+            started = time.perf_counter()
+            try:
+                rendered = self._render(prompt)
+            except BaseException as exc:  # noqa: BLE001 - a bad request fails only its own caller
+                _deliver(loop, future, error=exc)
+                return
+            finally:
+                self._stats.render_s += time.perf_counter() - started
+                if self._render_inline:  # the engine thread's own time
+                    self._stats.busy_s += time.perf_counter() - started
+            if self._render_inline:
+                add(self._engine, rendered)
+            else:
+                self._commands.put(lambda: add(self._engine, rendered))
+
+        if self._render_inline:
+            self._commands.put(render)
+        else:
+            self._render_pool.submit(render)
         try:
             return await future
         except asyncio.CancelledError:  # the caller gave up (e.g. another trajectory failed): free the slot
             self._commands.put(lambda: self._abort(request_id))
             raise
+
+    def _render(self, prompt: dict[str, Any]) -> Any:
+        """vLLM's rendering of a prompt (multimodal processing, its caches): what add_request then takes as is."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        renderer = self._engine.renderer
+        (rendered,) = renderer.render_cmpl([parse_model_prompt(self._engine.model_config, prompt)],
+                                           renderer.default_cmpl_tok_params)
+        return rendered
 
     def _abort(self, request_id: str) -> None:
         if self._pending.pop(request_id, None) is not None:
@@ -325,7 +411,20 @@ class VllmEngine:
 
     def reset_caches(self) -> None:
         """Drop the prefix KV cache, cached encoder outputs and processed images (between phases only)."""
+        self._render_pool.submit(lambda: None).result()  # every request rendered so far has reached the engine
         self._call(_reset_caches)
+
+    def stats(self, *, reset: bool = False) -> EngineStats:
+        """What the engine did since the last reset (see EngineStats); images_encoded is counted by the model."""
+
+        def read(engine: Any) -> EngineStats:
+            encoded = engine.collective_rpc(_count_encoded_images, kwargs={"reset": reset})[0]
+            stats = EngineStats(**{**self._stats.__dict__, "images_encoded": encoded})
+            if reset:
+                self._stats = EngineStats()
+            return stats
+
+        return self._call(read)
 
     def _reload(self, bucket: list[tuple[str, Any]], *, finish: bool = False) -> None:
         """One call on the engine thread: vLLM's in-place reload of `bucket` (if any); with `finish`, then the
@@ -366,6 +465,7 @@ class VllmEngine:
         return True
 
     def shutdown(self) -> None:
+        self._render_pool.shutdown(wait=True)
         if self._thread.is_alive():
             self._commands.put(_STOP)
             self._thread.join()
@@ -461,6 +561,43 @@ def _repack_tied_lm_head(worker: Any) -> list[str]:
             module.quant_method.process_weights_after_loading(module)
             repacked.append(name)
     return repacked
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future, *, result: Any = None,
+             error: BaseException | None = None) -> None:
+    """Resolve an asyncio future from another thread (nothing if it was cancelled or its loop is closed)."""
+
+    def deliver() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(deliver)
+    except RuntimeError:  # the caller's event loop is closed: nobody waits for this result any more
+        pass
+
+
+def _count_encoded_images(worker: Any, reset: bool = False) -> int:
+    """Count the images the model's vision tower encodes. The first call wraps the model's image-input method;
+    later calls return the count (and zero it with `reset`). Runs on every worker (collective_rpc)."""
+    model = worker.model_runner.get_model()
+    if not hasattr(model, "_minio3_images_encoded"):
+        original = model._process_image_input
+
+        def counted(image_input: Any, *args: Any, **kwargs: Any) -> Any:
+            model._minio3_images_encoded += len(image_input["image_grid_thw"])
+            return original(image_input, *args, **kwargs)
+
+        model._minio3_images_encoded = 0
+        model._process_image_input = counted
+    count = model._minio3_images_encoded
+    if reset:
+        model._minio3_images_encoded = 0
+    return count
 
 
 def _reset_caches(engine: Any) -> None:

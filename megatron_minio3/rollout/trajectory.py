@@ -42,6 +42,7 @@ class TurnRecord:
     num_appended_tokens: int = 0  # tokens of the observation or error turn appended after this turn
     generate_s: float = 0.0  # from submitting the request to its result
     tool_s: float = 0.0  # parsing, cropping, resizing and tokenizing the tool result
+    num_cached_prompt_tokens: int = 0  # of this turn's prompt, found in the engine's prefix cache
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrajectoryImage:
     path: str | None = None  # prompt image: its file
     source_index: int | None = None  # crop: index of the observation it was cut from
     box: tuple[int, int, int, int] | None = None  # crop: (left, top, right, bottom) in the raw source
+    content_id: str = ""  # an id of the model-side pixels (agent_loop.image_content_id), for the engine's caches
 
 
 @dataclass

@@ -7,7 +7,12 @@ Metric names (all floats; one record per step):
     reward/...              every generated sample of the step (rewards.reward_metrics_by_source):
                             reward/mean, reward/accuracy, reward/<data_source>/mean, .../accuracy, .../num_failed
     rollout/...             turns, tool calls and errors, exceed/void/truncated rates, generated tokens, throughput;
-                            per data source as rollout/<data_source>/... (rollout.agent_loop.rollout_metrics_by_source)
+                            per data source as rollout/<data_source>/... (rollout.agent_loop.rollout_metrics_by_source);
+                            rollout/tail_s: the last trajectory's finish minus the median one, summed over rounds
+    rollout/engine/...      why generation took what it took (rollout.engine.EngineStats): busy_share (the engines'
+                            time stepping, adding and rendering requests over their wall time), prefix_cache_hit_rate
+                            and _later_turns (prompt tokens found in vLLM's prefix cache), encoder_cache_hit_rate
+                            (1 - images run through the vision tower / images sent), images_encoded, steps
     sampling/...            dynamic sampling: generation rounds, groups generated / kept / dropped (and why)
     actor/...               loss, pg_loss, clip_fraction, ppo_kl, entropy (kl) as token-means over the step's
                             mini-batches, grad_norm (mean and max), lr, optimizer steps; rollout_logprob_diff:
@@ -182,7 +187,8 @@ STEP_TEMPLATE = (
     "  rollout: turns {rollout/num_turns_mean:.2f} tool calls {rollout/num_tool_calls_mean:.2f} (errors "
     "{rollout/num_tool_errors_mean:.2f}) exceed {rollout/exceed_rate:.2f} void {rollout/void_rate:.2f} | response "
     "{rollout/generated_tokens_mean:.0f} tok, sequence {rollout/sequence_length_mean:.0f} tok | "
-    "{rollout/generated_tokens_per_s:.0f} tok/s\n"
+    "{rollout/generated_tokens_per_s:.0f} tok/s | engine busy {rollout/engine/busy_share:.2f}, later-turn prefix "
+    "hits {rollout/engine/prefix_cache_hit_rate_later_turns:.2f}, tail {rollout/tail_s:.1f} s\n"
 )
 TRAIN_TEMPLATE = (
     "  train: loss {actor/loss:.4f} pg {actor/pg_loss:.4f} clip {actor/clip_fraction:.3f} ppo_kl {actor/ppo_kl:.2e} "

@@ -66,6 +66,8 @@ class RoundSummary:
     skipped_reasons: list[str]  # one per prompt skipped (bad image, prompt too long, ...)
     wall_s: float  # the rollouts
     reward_s: float = 0.0  # scoring them (after the rollouts)
+    tail_s: float = 0.0  # the last trajectory's finish minus the median finish (agent_loop.tail_seconds)
+    engine_stats: list = field(default_factory=list)  # one rollout.engine.EngineStats per engine of the handle
 
 
 @dataclass
@@ -84,6 +86,9 @@ class Collection:
     num_groups: int = 0
     generate_s: float = 0.0
     reward_s: float = 0.0
+    tail_s: float = 0.0  # summed over rounds (each round's slowest handle)
+    engine_stats: object = None  # rollout.engine.EngineStats summed over engines and rounds
+    engine_wall_s: float = 0.0  # the wall time of those engines, summed likewise
 
     @property
     def full(self) -> bool:
@@ -112,6 +117,11 @@ class Collection:
         self.num_rounds += 1
         self.generate_s += max((r.wall_s for r in per_handle), default=0.0)
         self.reward_s += max((r.reward_s for r in per_handle), default=0.0)
+        self.tail_s += max((r.tail_s for r in per_handle), default=0.0)
+        for summary in per_handle:
+            for stats in summary.engine_stats:
+                self.engine_stats = stats if self.engine_stats is None else self.engine_stats.add(stats)
+                self.engine_wall_s += summary.wall_s
         for summary in per_handle:
             self.skipped_reasons += summary.skipped_reasons
             for group in summary.groups:
@@ -136,6 +146,8 @@ class Collection:
             **rollout_metrics_by_source([s.trajectory for s in self.samples]),
             **(reward_metrics_by_source(self.samples, [s.reward for s in self.samples]) if self.samples else {}),
             "rollout/reward_s": self.reward_s,
+            "rollout/tail_s": self.tail_s,
+            **(self.engine_stats.metrics(self.engine_wall_s) if self.engine_stats is not None else {}),
             "sampling/num_rounds": float(self.num_rounds),
             "sampling/num_groups": float(self.num_groups),
             "sampling/num_kept_groups": float(len(self.kept)),

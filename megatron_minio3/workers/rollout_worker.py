@@ -120,8 +120,11 @@ class RolloutRuntime:
         stage = cfg.trainer.stage_at(step, cfg.rollout.n, cfg.rollout.max_tokens_per_turn)
         self.loop.limits = dataclasses.replace(self._training_limits, max_tokens_per_turn=stage.max_tokens_per_turn)
         with self._phase():
+            for engine in self.engines:
+                engine.stats(reset=True)
             batch = asyncio.run(self.loop.run(prompts, stage.n, seeds=seeds,
                                               progress_label=f"step {step} generation round {self._round + 1}"))
+            engine_stats = [engine.stats(reset=True) for engine in self.engines]
         started = time.perf_counter()
         results = self.reward.score_sync(
             [to_reward_input(traj) for traj in batch.trajectories], validation=False, step=step - 1,
@@ -144,7 +147,8 @@ class RolloutRuntime:
         every = cfg.trainer.dump_rollouts_every
         if every and step % every == 0 and batch.trajectories:
             self._dump(step, groups, [s.keep for s in summaries])
-        return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s, time.perf_counter() - started)
+        return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s, time.perf_counter() - started,
+                            tail_s=batch.tail_s, engine_stats=engine_stats)
 
     def _dump(self, step: int, groups: Sequence[SampleGroup], kept: Sequence[bool]) -> None:
         """trainer.dump_rollouts_every: this round's trajectories to <output_dir>/rollouts/step_N, one file per

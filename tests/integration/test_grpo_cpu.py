@@ -320,7 +320,7 @@ def test_hybrid_layouts_two_steps_then_resume(ray_cluster, tiny_hf_dir, dataset,
 
 
 # Metrics that measure the machine, not the run: they cannot repeat.
-VOLATILE = re.compile(r"^(time$|timing/|memory/)|_s$|_per_s$|^rollout/wall_s$|^weights/sync_gb_per_s$")
+VOLATILE = re.compile(r"^(time$|timing/|memory/|rollout/engine/)|_s$|_per_s$|^rollout/wall_s$|^weights/sync_gb_per_s$")
 
 
 def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys):

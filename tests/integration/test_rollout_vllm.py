@@ -21,6 +21,7 @@ from megatron_minio3.config.rollout import RolloutConfig
 from megatron_minio3.data.minio3_json import read_minio3_json
 from megatron_minio3.data.synthetic import VisualSearchSpec, write_visual_search_dataset
 from megatron_minio3.models.qwen2_5_vl.mrope import get_rope_index, sequence_position_ids
+from megatron_minio3.rollout import agent_loop
 from megatron_minio3.rollout.agent_loop import AgentLoop, GenerationRequest, SamplingSettings
 from megatron_minio3.rollout.crop_tool import num_image_tokens
 from megatron_minio3.rollout.tokens import image_pad_runs
@@ -211,3 +212,65 @@ def test_update_weights_in_place_changes_and_restores_outputs(engine, tiny_hf_di
     assert _greedy_tokens(engine, loop, prompt_ids, [image]) != baseline
     engine.update_weights(original.items())
     assert _greedy_tokens(engine, loop, prompt_ids, [image]) == baseline
+
+
+def test_later_turns_compute_only_their_new_tokens_and_every_image_is_encoded_once(engine, dataset):
+    """vLLM's prefix cache holds a trajectory's context between its turns: a later turn's prefill computes only
+    the tokens appended since the last turn (the observation or error turn, the last generated token), within one
+    cache block. The vision tower runs once per image: the prompt image once for all samples and turns of a
+    prompt, each crop once (counted in the model by EngineStats.images_encoded)."""
+    cfg = dataclasses.replace(ENGINE_CFG, guided_regex=TOOL_REGEX)
+    loop = AgentLoop.from_config([engine], engine.tokenizer, engine.vision, cfg, DATA_CFG)
+    engine.reset_caches()
+    engine.stats(reset=True)
+    batch = asyncio.run(loop.run(dataset, NUM_SAMPLES, seeds=list(range(len(dataset)))))
+    stats = engine.stats(reset=True)
+    later_turns = 0
+    for traj in batch.trajectories:
+        prompt = traj.prompt_length
+        for before, turn in zip(traj.turns, traj.turns[1:]):
+            prompt += before.num_generated_tokens + before.num_appended_tokens
+            computed = prompt - turn.num_cached_prompt_tokens
+            assert turn.num_cached_prompt_tokens > 0
+            assert computed <= before.num_appended_tokens + engine.block_size, (traj.uid, traj.sample_index, computed)
+            later_turns += 1
+    assert later_turns >= 8, later_turns
+    requests = sum(traj.num_turns for traj in batch.trajectories)
+    assert stats.requests == requests and stats.steps > 0 and 0 < stats.busy_s
+    prompts = {traj.uid for traj in batch.trajectories}
+    crops = sum(image.origin == "crop" for traj in batch.trajectories for image in traj.images)
+    assert crops >= 3, crops  # 5 with these seeds
+    assert stats.images_encoded == len(prompts) + crops, (stats.images_encoded, len(prompts), crops)
+    assert stats.images_sent > stats.images_encoded
+    assert stats.later_prompt_tokens > 0 and stats.later_cached_prompt_tokens / stats.later_prompt_tokens > 0.3
+
+
+def test_seeded_rollouts_do_not_depend_on_how_they_reach_the_engine(engine, dataset, monkeypatch):
+    """With a seed per request, what is generated does not depend on the way requests reach the engine: rendered
+    on the engine thread or on a thread of its own, with content ids for the images or hashed by vLLM, trajectories
+    free-running or turn-synchronous."""
+    cfg = dataclasses.replace(ENGINE_CFG, guided_regex=TOOL_REGEX)
+    loop = AgentLoop.from_config([engine], engine.tokenizer, engine.vision, cfg, DATA_CFG)
+    seeds = list(range(len(dataset)))
+
+    def rollout(**kwargs):
+        engine.reset_caches()
+        batch = asyncio.run(loop.run(dataset, 2, seeds=seeds, **kwargs))
+        return batch.trajectories
+
+    def same(trajectories, reference):
+        """The same tokens and crops; log-probs equal up to float32 rounding (a request's log-probs come from
+        engine steps shared with whichever other requests run then, and CPU GEMMs round by batch shape)."""
+        assert [(t.uid, t.sample_index, t.token_ids, [i.box for i in t.images]) for t in trajectories] == \
+               [(t.uid, t.sample_index, t.token_ids, [i.box for i in t.images]) for t in reference]
+        for got, want in zip(trajectories, reference):
+            np.testing.assert_allclose(got.rollout_logprobs, want.rollout_logprobs, rtol=0, atol=1e-5)
+        return True
+
+    reference = rollout()
+    assert sum(len(t.images) for t in reference) > len(reference)  # some crops were made
+    monkeypatch.setattr(engine, "_render_inline", not engine._render_inline)
+    assert same(rollout(), reference)
+    monkeypatch.setattr(agent_loop, "image_content_id", lambda image: "")  # no ids: vLLM hashes every image
+    assert same(rollout(), reference)
+    assert same(rollout(turn_synchronous=True), reference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 
 import numpy as np
@@ -14,12 +15,15 @@ from PIL import Image
 from megatron_minio3.config.data import DataConfig
 from megatron_minio3.config.rollout import EvalConfig, RolloutConfig
 from megatron_minio3.data.minio3_json import Prompt
+from megatron_minio3.rollout import agent_loop
 from megatron_minio3.rollout.agent_loop import (
     AgentLoop,
     GenerationRequest,
     GenerationResult,
     LoopLimits,
     SamplingSettings,
+    image_content_id,
+    tail_seconds,
 )
 from megatron_minio3.rollout.crop_tool import image_grid_thw, num_image_tokens
 from megatron_minio3.rollout.tokens import expand_image_pads, image_pad_runs
@@ -352,3 +356,62 @@ def test_pad_runs_and_metrics(tokenizer, vision, image_file):
     metrics = batch.metrics()
     assert metrics["rollout/num_trajectories"] == 2 and metrics["rollout/num_turns_mean"] == 2
     assert metrics["rollout/num_tool_calls_mean"] == 1 and metrics["rollout/exceed_rate"] == 0
+
+
+def test_requests_carry_image_ids_computed_once_and_the_tail_is_measured(tokenizer, vision, image_file):
+    """Every request names its images by content id (the engine need not hash them again each turn): the prompt
+    image keeps one id across samples and turns, a crop gets its own; later turns are marked as continuing."""
+    def script(request, turn):
+        return (zoom(), "stop") if turn == 0 else (ANSWER, "stop")
+
+    def delay(request, turn):
+        return 0.6 if request.request_id.split("#")[1] == "1" and turn == 1 else 0.01
+
+    engine = ScriptedEngine(tokenizer, script, delay)
+    batch = run(make_loop(tokenizer, vision, [engine]), [prompt_for(image_file)], n=3)
+    first = [r for r in engine.requests if "#t0#" in r.request_id]
+    second = [r for r in engine.requests if "#t1#" in r.request_id]
+    assert len(first) == len(second) == 3 and not any(r.continues for r in first) and all(r.continues for r in second)
+    prompt_id = first[0].image_ids[0]
+    assert all(r.image_ids == (prompt_id,) for r in first) and prompt_id.startswith("minio3-")
+    assert all(len(r.image_ids) == 2 and r.image_ids[0] == prompt_id for r in second)
+    traj = batch.trajectories[0]
+    assert traj.images[1].content_id == image_content_id(traj.images[1].model) == second[0].image_ids[1]
+    # sample 1 of 3 waits 0.6 s in its second turn: the batch's tail is its finish minus the median finish
+    assert 0.5 < batch.tail_s < 2.0 and batch.metrics()["rollout/tail_s"] == batch.tail_s
+
+
+def test_image_content_id_follows_the_pixels():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    assert image_content_id(image) == image_content_id(Image.fromarray(pixels.copy()))
+    changed = pixels.copy()
+    changed[5, 7, 1] ^= 1
+    assert image_content_id(Image.fromarray(changed)) != image_content_id(image)
+    assert image_content_id(image.convert("L")) != image_content_id(image)
+    assert image_content_id(Image.fromarray(pixels.reshape(30, 20, 3))) != image_content_id(image)  # same bytes
+
+
+def test_tail_seconds():
+    assert tail_seconds([]) == 0.0
+    assert tail_seconds([3.0]) == 0.0
+    assert tail_seconds([1.0, 2.0, 10.0]) == 8.0
+    assert tail_seconds([4.0, 1.0, 2.0, 3.0]) == pytest.approx(1.5)
+
+
+def test_tool_calls_run_off_the_event_loop(tokenizer, vision, image_file, monkeypatch):
+    """The crop, resize and observation tokens of a call are made in the loop's tool pool, never on the event loop
+    thread, so a slow tool call does not hold up the other trajectories' results."""
+    threads = []
+    original = agent_loop._TrajectoryState._run_tool
+
+    def recording(self, text, turn):
+        threads.append(threading.current_thread().name)
+        return original(self, text, turn)
+
+    monkeypatch.setattr(agent_loop._TrajectoryState, "_run_tool", recording)
+    engine = ScriptedEngine(tokenizer, lambda r, t: (zoom(), "stop") if t < 2 else (ANSWER, "stop"))
+    batch = run(make_loop(tokenizer, vision, [engine]), [prompt_for(image_file)], n=2)
+    assert len(threads) == 4 and all(name.startswith("agent-tool") for name in threads), threads
+    assert [t.num_turns for t in batch.trajectories] == [3, 3]

@@ -184,3 +184,25 @@ def test_probe_reports_the_worst_engine(caplog):
     assert metrics["probe/engine_0/mean_abs_logprob_diff"] == 1e-7 and metrics["probe/num_engines"] == 2
     assert metrics["probe/num_tokens"] == 8 and metrics["probe/rollout_logprob_mean"] == -3.0
     assert "on engine 1" in caplog.text and "on engine 0" not in caplog.text
+
+
+def test_engine_statistics_and_tails_add_up_over_engines_and_rounds():
+    from megatron_minio3.rollout.engine import EngineStats
+
+    first = EngineStats(requests=10, steps=40, busy_s=3.0, prompt_tokens=1000, cached_prompt_tokens=600,
+                        later_prompt_tokens=400, later_cached_prompt_tokens=300, images_sent=20, images_encoded=5)
+    second = EngineStats(requests=6, steps=20, busy_s=1.0, prompt_tokens=1000, cached_prompt_tokens=200,
+                         later_prompt_tokens=100, later_cached_prompt_tokens=0, images_sent=10, images_encoded=5)
+    rows = summaries(0, [group("a", [1, 0], [8, 9])], [True])
+    collection = Collection(batch_size=3, max_rounds=2)
+    collection.add_round([RoundSummary(rows, [], 4.0, tail_s=1.5, engine_stats=[first]),
+                          RoundSummary([], [], 2.0, tail_s=0.5, engine_stats=[second])])
+    collection.add_round([RoundSummary([], [], 2.0, tail_s=0.25, engine_stats=[second])])
+    metrics = collection.metrics()
+    assert metrics["rollout/tail_s"] == 1.75  # each round's slowest handle, summed over rounds
+    assert metrics["rollout/engine/prefix_cache_hit_rate"] == pytest.approx(1000 / 3000)
+    assert metrics["rollout/engine/prefix_cache_hit_rate_later_turns"] == pytest.approx(300 / 600)
+    assert metrics["rollout/engine/encoder_cache_hit_rate"] == pytest.approx(1 - 15 / 40)
+    assert metrics["rollout/engine/images_encoded"] == 15 and metrics["rollout/engine/steps"] == 80
+    assert metrics["rollout/engine/busy_share"] == pytest.approx(5.0 / 8.0)  # busy over each engine's own wall
+    assert EngineStats().metrics(0.0)["rollout/engine/busy_share"] == 0.0

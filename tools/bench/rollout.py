@@ -3,16 +3,22 @@
 Usage: python tools/bench/rollout.py [--model DIR | --size tiny|small] [--num-prompts 16] [--n 4]
                                      [--max-turns 4] [--max-tokens-per-turn 96] [--repeats 3]
 
-Three ways to generate on the same engine, caches reset before each measurement:
+Ways to generate on the same engine, caches reset before each measurement, every request with a seed of its
+own (rollout/seeds.py), so that every repeat and both loop modes generate exactly the same tokens:
   async    the agent loop: each trajectory submits its next turn as soon as its tool result is ready;
   sync     the same loop turn-synchronously: a turn starts when every trajectory finished the previous one;
   single   one single-turn request per trajectory, with the same first prompt and image, generating exactly
            that trajectory's number of generated tokens (end-of-turn tokens banned): the same token count
            with no tool round trips, no observation prefill and no crops to encode.
-Printed figures: tokens/s of each, async/single and sync/single (the cost of the tool loop relative to plain
-generation of the same number of tokens), and async/sync. A generated random-weight checkpoint never calls
-the tool by itself, so the loop's turns are constrained to think/zoom/answer with a regex (vLLM structured
-outputs); "single (guided)" shows what that constraint costs on its own. Figures go in docs/rollout.md.
+A generated random-weight checkpoint never calls the tool by itself, so the loop's turns are constrained to
+think/zoom/answer with a regex (vLLM structured outputs), which costs a grammar check per request and a token
+mask per step that plain generation does not pay; "single (constrained)" generates the same token counts under
+a constraint of the same kind ([a-z ]*), so async/single_constrained is the cost of the tool loop alone.
+Printed: tokens/s of each; the ratios; per mode the engine's steps, busy share, prefix-cache hit rate of later
+turns and images encoded (rollout/engine.py: EngineStats); and the step bound of the workload: a turn-synchronous
+loop needs at least sum over turns of the longest turn, an asynchronous one the longest trajectory, so their
+ratio caps what async can gain over sync when a step costs the same whatever it holds (this CPU machine).
+Figures go in docs/rollout.md.
 """
 from __future__ import annotations
 
@@ -93,15 +99,29 @@ def main() -> None:
         for prompt in prompts
     }
 
-    def run_loop(turn_synchronous: bool):
+    seeds = list(range(len(prompts)))
+    engine_stats: dict[str, list] = {}
+
+    has_stats = hasattr(engine, "stats")  # (absent before the engine's statistics: run on an older checkout)
+
+    def measured(name: str, run):
         engine.reset_caches()
+        if has_stats:
+            engine.stats(reset=True)
         started = time.perf_counter()
-        batch = asyncio.run(loop.run(prompts, args.n, turn_synchronous=turn_synchronous))
+        result = run()
         seconds = time.perf_counter() - started
+        if has_stats:
+            engine_stats.setdefault(name, []).append((engine.stats(reset=True), seconds))
+        return result, seconds
+
+    def run_loop(turn_synchronous: bool):
+        name = "sync" if turn_synchronous else "async"
+        batch, seconds = measured(name, lambda: asyncio.run(
+            loop.run(prompts, args.n, turn_synchronous=turn_synchronous, seeds=seeds)))
         return sum(t.num_generated_tokens for t in batch.trajectories), seconds, batch
 
     def run_single(lengths: list[tuple[str, int]], guided: bool):
-        engine.reset_caches()
 
         async def generate_all():
             requests = [
@@ -109,23 +129,23 @@ def main() -> None:
                     request_id=f"single-{index}-{next(loop.request_counter)}",
                     prompt_token_ids=first_prompts[uid][0],
                     images=first_prompts[uid][1],
-                    max_tokens=length if not guided else cfg.max_tokens_per_turn,
+                    max_tokens=length,
                     sampling=loop.sampling,
                     stop=tuple(cfg.stop),
-                    banned_token_ids=loop.turns.placeholder_ids + (() if guided else end_ids),
-                    guided_regex=cfg.guided_regex if guided else "",
+                    banned_token_ids=loop.turns.placeholder_ids + end_ids,
+                    guided_regex="[a-z ]*" if guided else "",
+                    seed=index,
                 )
                 for index, (uid, length) in enumerate(lengths)
             ]
             return await asyncio.gather(*(engine.generate(request) for request in requests))
 
-        started = time.perf_counter()
-        results = asyncio.run(generate_all())
-        return sum(len(r.token_ids) for r in results), time.perf_counter() - started
+        results, seconds = measured("single (constrained)" if guided else "single", lambda: asyncio.run(generate_all()))
+        return sum(len(r.token_ids) for r in results), seconds
 
     run_loop(False)  # warm-up: first requests, structured-output grammar compilation
-    rates: dict[str, list[float]] = {"async": [], "sync": [], "single": [], "single (guided)": []}
-    turns, tokens = [], []
+    rates: dict[str, list[float]] = {"async": [], "sync": [], "single": [], "single (constrained)": []}
+    turns, tokens, bounds = [], [], []
     for _ in range(args.repeats):
         generated, seconds, batch = run_loop(False)
         rates["async"].append(generated / seconds)
@@ -136,9 +156,12 @@ def main() -> None:
         assert single_tokens == generated, (single_tokens, generated)
         rates["single"].append(single_tokens / single_seconds)
         guided_tokens, guided_seconds = run_single(lengths, guided=True)
-        rates["single (guided)"].append(guided_tokens / guided_seconds)
+        assert guided_tokens == generated, (guided_tokens, generated)
+        rates["single (constrained)"].append(guided_tokens / guided_seconds)
         sync_generated, sync_seconds, _ = run_loop(True)
+        assert sync_generated == generated, (sync_generated, generated)  # the seeds make both loops generate alike
         rates["sync"].append(sync_generated / sync_seconds)
+        bounds.append(step_bounds(batch.trajectories))
     engine.shutdown()
 
     median = {name: statistics.median(values) for name, values in rates.items()}
@@ -147,16 +170,38 @@ def main() -> None:
           f"{statistics.mean(turns):.2f} turns and {statistics.mean(tokens):.0f} generated tokens per batch on average | "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for name, values in rates.items():
-        print(f"  {name:16s} {median[name]:8.1f} tokens/s  (runs: {', '.join(f'{v:.1f}' for v in values)})")
+        print(f"  {name:20s} {median[name]:8.1f} tokens/s  (runs: {', '.join(f'{v:.1f}' for v in values)})")
     ratios = {
         "async/single": median["async"] / median["single"],
+        "async/single_constrained": median["async"] / median["single (constrained)"],
         "sync/single": median["sync"] / median["single"],
         "async/sync": median["async"] / median["sync"],
-        "single_guided/single": median["single (guided)"] / median["single"],
+        "single_constrained/single": median["single (constrained)"] / median["single"],
     }
     for name, value in ratios.items():
-        print(f"  {name:22s} {value:.2f}")
-    print(json.dumps({"tokens_per_s": median, "ratios": ratios, "turns_mean": statistics.mean(turns)}))
+        print(f"  {name:26s} {value:.2f}")
+    engine = {}
+    for name, runs in engine_stats.items():
+        metrics = [stats.metrics(seconds) for stats, seconds in runs[1:] or runs]  # the warm-up left out
+        engine[name] = {key.removeprefix("rollout/engine/"): statistics.median(m[key] for m in metrics)
+                        for key in metrics[0]}
+        print(f"  engine, {name:20s} " + ", ".join(f"{key} {value:.2f}" for key, value in engine[name].items()))
+    sync_bound, async_bound = (statistics.mean(b[i] for b in bounds) for i in (0, 1))
+    print(f"  step bound: turn-synchronous {sync_bound:.0f} steps, asynchronous {async_bound:.0f} steps "
+          f"(ratio {sync_bound / async_bound:.2f}: the most async can gain where a step costs the same whatever it holds)")
+    print(json.dumps({"tokens_per_s": median, "ratios": ratios, "turns_mean": statistics.mean(turns), "engine": engine,
+                      "step_bound": {"sync": sync_bound, "async": async_bound}}))
+
+
+def step_bounds(trajectories) -> tuple[int, int]:
+    """(turn-synchronous, asynchronous) lower bounds on the engine steps of a batch: a step makes one token of each
+    request in it, so lock-step turns need the sum over turns of the longest turn, free-running trajectories the
+    longest trajectory (generated tokens; prefill steps not counted)."""
+    longest_turn: dict[int, int] = {}
+    for traj in trajectories:
+        for index, turn in enumerate(traj.turns):
+            longest_turn[index] = max(longest_turn.get(index, 0), turn.num_generated_tokens)
+    return sum(longest_turn.values()), max(traj.num_generated_tokens for traj in trajectories)
 
 
 if __name__ == "__main__":
