@@ -100,19 +100,23 @@ def _check(cfg: Config) -> None:
         raise ValueError("data.val_files: list the Mini-o3 JSON files to evaluate (data.val_files=[a.json,b.json])")
 
 
-def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0, total_steps: int = 1) -> dict[str, Any]:
+def evaluate(cfg: Config, engines: Sequence[Any] | None = None, *, step: int = 0, total_steps: int = 1,
+             prompts: Sequence[Any] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns what is written to metrics.json. `engines` (VllmEngine instances) are
     built from cfg.rollout / cfg.model when not given, and shut down at the end only in that case. `step` (0-based)
     of `total_steps` drives step schedules of the verifiers (reward.iou dynamic thresholds) during training;
-    a standalone evaluation scores as at step 0."""
+    a standalone evaluation scores as at step 0. `prompts`: the questions of data.val_files as the pre-launch
+    checks read them (trainer/prelaunch.py); read here when not given."""
     from megatron_minio3.data.minio3_json import read_datasets
     from megatron_minio3.rewards.manager import RewardManager, reward_metrics_by_source
     from megatron_minio3.rollout.agent_loop import AgentLoop
     from megatron_minio3.rollout.seeds import eval_prompt_seeds
     from megatron_minio3.rollout.trajectory import write_trajectories
 
-    _check(cfg)
-    prompts = read_datasets(cfg.data.val_files, cfg.data.image_dir, cfg.eval.max_prompts)
+    if prompts is None:
+        _check(cfg)
+        prompts = read_datasets(cfg.data.val_files, cfg.data.image_dir, cfg.eval.max_prompts)
+    prompts = list(prompts)
     reward = RewardManager(cfg.reward)  # before the engines: a reward config mistake fails fast
     owned = engines is None
     if owned and cfg.rollout.enable_sleep_mode:
@@ -225,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_cli(sys.argv[1:] if argv is None else argv)
-        prelaunch(cfg, "eval")  # model, tokenizer and templates, the questions, the verifiers
-        metrics = evaluate(cfg)
+        resources = prelaunch(cfg, "eval")  # model, tokenizer and templates, the questions, the verifiers
+        metrics = evaluate(cfg, prompts=resources.val_prompts)  # the questions are not read a second time
     except (ConfigError, ValueError) as exc:  # user mistakes: config, data files, checkpoint path
         print(f"error: {exc}", file=sys.stderr)
         return 2
