@@ -6,6 +6,8 @@ so the record never goes through a decode/re-encode round trip.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import threading
 
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from megatron_minio3.data.templates import (
     render_user_text,
     validate_templates,
 )
+
+logger = logging.getLogger(__name__)
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
@@ -87,32 +91,30 @@ def image_pad_runs(token_ids: Sequence[int], pad_id: int) -> list[tuple[int, int
     return runs
 
 
-_LOCKS_GUARD = threading.Lock()
-
-
-def _tokenizer_lock(tokenizer: Any) -> threading.RLock:
-    """The lock of this tokenizer object, shared by every TurnTokenizer built over it (a per-instance lock would
-    let two of them flip the shared Rust state concurrently)."""
-    with _LOCKS_GUARD:
-        lock = getattr(tokenizer, "_minio3_lock", None)
-        if lock is None:
-            lock = threading.RLock()
-            tokenizer._minio3_lock = lock
-        return lock
+def _private_copy(tokenizer: Any) -> Any:
+    """A copy of `tokenizer` that nobody else uses (see TurnTokenizer); the tokenizer itself when it cannot be copied
+    (then other users of it must not encode with split_special_tokens concurrently)."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer class that cannot be copied: share it
+        logger.warning("cannot copy the tokenizer (%s: %s); the turn tokenizer shares it", type(exc).__name__, exc)
+        return tokenizer
 
 
 class TurnTokenizer:
     """Encodes the first prompt and the tool-result turns from the templates in DataConfig.
 
-    Thread-safe: the agent loop prepares prompts in worker threads while error turns are encoded on the
-    event loop, and an HF fast tokenizer is not: `split_special_tokens=True` flips a setting of the shared
-    Rust tokenizer for the duration of the call, so a concurrent plain `encode` could split
-    `<|image_pad|>` into text (seen: 179 of 20,000 calls). Every call holds one lock."""
+    Thread-safe, also against other users of the same tokenizer: an HF fast tokenizer keeps
+    `split_special_tokens` as a setting of its shared Rust tokenizer, flipped for the duration of a call, so a
+    concurrent plain `encode` elsewhere could split `<|image_pad|>` into text (seen: 179 of 20,000 calls between two
+    of our threads; and a scripted engine quoting text while the loop's tool threads encode observation turns).
+    So the turn tokenizer encodes with a private copy of the tokenizer, one call at a time (a lock)."""
 
     def __init__(self, tokenizer: Any, data_cfg: DataConfig):
         validate_templates(data_cfg)
-        self._lock = _tokenizer_lock(tokenizer)  # one per tokenizer object: TurnTokenizers may share one
-        self.tokenizer = tokenizer
+        self._lock = threading.RLock()
+        self.tokenizer = tokenizer  # the caller's; encoding uses the private copy
+        self._private = _private_copy(tokenizer)
         self.data_cfg = data_cfg
         self.image_pad_id = self._special_id(IMAGE_PAD)
         self.vision_start_id = self._special_id(VISION_START)
@@ -132,16 +134,16 @@ class TurnTokenizer:
     def encode(self, text: str) -> list[int]:
         """Template text: special-token strings in it become special tokens."""
         with self._lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return list(self._private.encode(text, add_special_tokens=False))
 
     def encode_plain(self, text: str) -> list[int]:
         """Untrusted text (e.g. quoting the model): special-token strings stay plain text."""
         with self._lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+            return list(self._private.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         with self._lock:
-            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+            return self._private.decode(list(token_ids), skip_special_tokens=True)
 
     def prompt_ids(self, question: str, num_images: int) -> list[int]:
         """The first prompt (chat template, generation prompt included) with one pad token per image."""

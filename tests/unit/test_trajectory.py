@@ -120,3 +120,28 @@ def test_turn_tokenizer_is_safe_across_threads(tokenizer):
         stop.set()
         thread.join()
     assert all(ids == expected for ids in results)
+
+
+def test_turn_tokenizer_is_safe_against_other_users_of_the_tokenizer(tokenizer):
+    """Another user of the same tokenizer object (an engine quoting text with split_special_tokens, without any
+    lock of ours) cannot make the turn tokenizer split <|image_pad|> into text: it encodes with a private copy."""
+    import threading
+
+    turns = TurnTokenizer(tokenizer, DataConfig())
+    expected = turns.observation_ids(action=0, observation=1)
+    assert expected.count(turns.image_pad_id) == 1
+    stop = threading.Event()
+
+    def foreign_user():
+        while not stop.is_set():
+            tokenizer.encode("the model wrote <|image_pad|> here " * 400, add_special_tokens=False,
+                             split_special_tokens=True)
+
+    thread = threading.Thread(target=foreign_user)
+    thread.start()
+    try:
+        results = [turns.observation_ids(action=0, observation=1) for _ in range(5000)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(ids == expected for ids in results)
