@@ -18,6 +18,7 @@ import concurrent.futures
 import hashlib
 import itertools
 import logging
+import statistics
 import time
 import weakref
 from collections import Counter
@@ -581,12 +582,7 @@ class AgentLoop:
 
 def tail_seconds(finish_times: Sequence[float]) -> float:
     """How long the last trajectory kept the batch waiting: its finish time minus the median finish time."""
-    if not finish_times:
-        return 0.0
-    ordered = sorted(finish_times)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return ordered[-1] - median
+    return max(finish_times) - statistics.median(finish_times) if finish_times else 0.0
 
 
 def image_content_id(image: Image.Image) -> str:

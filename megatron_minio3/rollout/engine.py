@@ -39,8 +39,8 @@ _STOP = object()
 
 @dataclass(frozen=True)
 class _Pending:
-    loop: asyncio.AbstractEventLoop | None
-    future: asyncio.Future | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
     continues: bool = False  # the request continues an earlier one (a later turn)
 
 
@@ -51,7 +51,6 @@ class EngineStats:
     requests: int = 0
     steps: int = 0
     busy_s: float = 0.0  # engine thread: stepping the model, adding requests (and rendering them, on CPU)
-    render_s: float = 0.0  # rendering requests (vLLM's input processing), on whichever thread does it
     prompt_tokens: int = 0  # prompt tokens of the finished requests, image pads expanded
     cached_prompt_tokens: int = 0  # of those, found in the prefix cache (not computed again)
     later_prompt_tokens: int = 0  # prompt tokens of requests continuing an earlier one (turn 2 on)
@@ -208,7 +207,8 @@ class VllmEngine:
         prompt, cached = len(output.prompt_token_ids), output.num_cached_tokens or 0
         stats.prompt_tokens += prompt
         stats.cached_prompt_tokens += cached
-        if self._pending.get(output.request_id, _Pending(None, None)).continues:
+        pending = self._pending.get(output.request_id)
+        if pending is not None and pending.continues:
             stats.later_prompt_tokens += prompt
             stats.later_cached_prompt_tokens += cached
 
@@ -317,7 +317,6 @@ class VllmEngine:
                 _deliver(loop, future, error=exc)
                 return
             finally:
-                self._stats.render_s += time.perf_counter() - started
                 if self._render_inline:  # the engine thread's own time
                     self._stats.busy_s += time.perf_counter() - started
             if self._render_inline:

@@ -102,17 +102,13 @@ def main() -> None:
     seeds = list(range(len(prompts)))
     engine_stats: dict[str, list] = {}
 
-    has_stats = hasattr(engine, "stats")  # (absent before the engine's statistics: run on an older checkout)
-
     def measured(name: str, run):
         engine.reset_caches()
-        if has_stats:
-            engine.stats(reset=True)
+        engine.stats(reset=True)
         started = time.perf_counter()
         result = run()
         seconds = time.perf_counter() - started
-        if has_stats:
-            engine_stats.setdefault(name, []).append((engine.stats(reset=True), seconds))
+        engine_stats.setdefault(name, []).append((engine.stats(reset=True), seconds))
         return result, seconds
 
     def run_loop(turn_synchronous: bool):
