@@ -97,8 +97,11 @@ def aggregation_weights(
     seq_index_T: Tensor | None,
     global_num_tokens: int | None,
     global_num_seqs: int | None,
+    seq_num_tokens_T: Tensor | None = None,
 ) -> Tensor:
-    """Per-token weights w_t (float64, 0 off the mask) such that the aggregated loss is sum_t w_t * l_t."""
+    """Per-token weights w_t (float64, 0 off the mask) such that the aggregated loss is sum_t w_t * l_t.
+    seq_num_tokens_T: n_s of each token's sequence when this call sees only part of the sequences' tokens
+    (context parallelism); else counted here."""
     if agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"unknown agg_mode {agg_mode!r}; expected one of {LOSS_AGG_MODES}")
     mask64_T = mask_T.to(torch.float64)
@@ -110,7 +113,8 @@ def aggregation_weights(
     num_seqs = int((tokens_per_seq_S > 0).sum().item()) if global_num_seqs is None else global_num_seqs
     if agg_mode == "seq-mean-token-sum":
         return mask64_T / max(num_seqs, 1)
-    return mask64_T / (tokens_per_seq_S[seq_index_T].clamp(min=1) * max(num_seqs, 1))
+    per_token_n = tokens_per_seq_S[seq_index_T] if seq_num_tokens_T is None else seq_num_tokens_T.to(torch.float64)
+    return mask64_T / (per_token_n.reshape(-1).clamp(min=1) * max(num_seqs, 1))
 
 
 def _check_global_count(name: str, global_count: int | None, local_count: int) -> None:
@@ -133,6 +137,7 @@ def policy_loss(
     seq_ids: Tensor | None = None,
     global_num_tokens: int | None = None,
     global_num_seqs: int | None = None,
+    seq_num_tokens: Tensor | None = None,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     ref_logprobs: Tensor | None = None,
@@ -145,13 +150,17 @@ def policy_loss(
     flat packed [T] stream with `seq_ids` [T]. Values off the loss mask are ignored (they may be NaN).
     `global_num_tokens` / `global_num_seqs` are the mini-batch's M and S over all micro-batches and ranks
     (`count_loss_tokens_and_seqs` summed; S may count sequences without loss tokens, seq_mean_denominator="all");
-    left None they default to this call's own loss tokens and sequences with a loss token.
+    left None they default to this call's own loss tokens and sequences with a loss token. `seq_num_tokens`
+    (per token, like logprobs): the loss tokens n_s of each token's whole sequence, for a call that sees only part
+    of each sequence (context parallelism); left None, n_s is counted in this call.
     """
     per_token_inputs = {"old_logprobs": old_logprobs, "advantages": advantages, "loss_mask": loss_mask}
     if entropy is not None:
         per_token_inputs["entropy"] = entropy
     if ref_logprobs is not None:
         per_token_inputs["ref_logprobs"] = ref_logprobs
+    if seq_num_tokens is not None:
+        per_token_inputs["seq_num_tokens"] = seq_num_tokens
     for name, tensor in per_token_inputs.items():
         if tensor.shape != logprobs.shape:
             raise ValueError(f"{name} {tuple(tensor.shape)} must be shaped like logprobs {tuple(logprobs.shape)}")
@@ -188,7 +197,7 @@ def policy_loss(
     if kl_coef != 0:
         loss_T = loss_T + kl_coef * kl_T
 
-    weights_T = aggregation_weights(mask_T, agg_mode, seq_index_T, global_num_tokens, global_num_seqs)
+    weights_T = aggregation_weights(mask_T, agg_mode, seq_index_T, global_num_tokens, global_num_seqs, seq_num_tokens)
     loss = (loss_T * weights_T.to(loss_T.dtype)).sum()
 
     token_mean_T = aggregation_weights(mask_T, "token-mean", None, global_num_tokens, None).to(logprobs_T.dtype)

@@ -19,7 +19,7 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
-    cp: int = 1  # context parallelism is not implemented yet: must be 1
+    cp: int = 1  # context parallel: each sequence split over cp ranks (parallel/context_parallel.py; local layer spec)
     dp: int = 1
     # torch.distributed backend: NCCL with CUDA, gloo without (not configurable)
 
@@ -31,9 +31,6 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp", "dp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.cp != 1:
-            raise ValueError(f"parallel.cp must be 1: context parallelism is not implemented yet (sequences are not "
-                             f"split over CP ranks), got {self.cp}")
 
 
 @dataclass
@@ -81,6 +78,12 @@ class OptimConfig:
             raise ValueError(f"actor.optim.min_lr ({self.min_lr}) only applies to actor.optim.lr_schedule=cosine")
 
 
+# decoder submodules megatron's selective recompute can rerun on the layer specs we build (core attention, the
+# SwiGLU MLP, the norms)
+SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+DEFAULT_SELECTIVE_RECOMPUTE = ["core_attn", "mlp"]
+
+
 @dataclass
 class ActorConfig:
     """The Megatron policy being trained."""
@@ -95,6 +98,11 @@ class ActorConfig:
     freeze_merger: bool = False
     freeze_language_model: bool = False
     recompute_activations: bool = False
+    # full: every decoder layer keeps only its input and reruns whole in the backward pass; selective: only the
+    # decoder submodules in recompute_modules rerun (megatron's selective recompute). Vision blocks rerun whole
+    # under either. Read only when recompute_activations is true.
+    recompute_granularity: Literal["full", "selective"] = "full"
+    recompute_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SELECTIVE_RECOMPUTE))
     offload_to_host_between_phases: bool = False  # colocated rollout: free device memory while vLLM runs
 
     def validate(self) -> None:
@@ -103,6 +111,16 @@ class ActorConfig:
                 f"actor.ppo_mini_batch_size and actor.ppo_epochs must be >= 1, got "
                 f"{self.ppo_mini_batch_size} and {self.ppo_epochs}"
             )
+        unknown = set(self.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES)
+        if unknown or not self.recompute_modules:
+            raise ValueError(f"actor.recompute_modules must be a non-empty subset of {list(SELECTIVE_RECOMPUTE_MODULES)}"
+                             f", got {self.recompute_modules}")
+        if self.recompute_granularity == "full" and self.recompute_modules != DEFAULT_SELECTIVE_RECOMPUTE:
+            raise ValueError(f"actor.recompute_modules={self.recompute_modules} only applies with "
+                             f"actor.recompute_granularity=selective (full reruns whole layers)")
+        if self.recompute_granularity != "full" and not self.recompute_activations:
+            raise ValueError(f"actor.recompute_granularity={self.recompute_granularity} only applies with "
+                             f"actor.recompute_activations=true")
         if self.freeze_vision_tower and self.freeze_merger and self.freeze_language_model:
             raise ValueError("actor.freeze_vision_tower, freeze_merger and freeze_language_model are all true: "
                              "nothing would be trained")

@@ -104,6 +104,11 @@ class PackedMicroBatch:
     def loss_counts(self) -> LossCounts:
         return count_loss_tokens_and_seqs(self.loss_mask_T, self.seq_ids_T)
 
+    def loss_tokens_per_sequence(self) -> Tensor:
+        """[T] float64: the number of loss tokens of each position's sequence (n_s of the seq-mean loss modes)."""
+        per_slot_S = torch.bincount(self.seq_ids_T, weights=self.loss_mask_T.double(), minlength=len(self.seq_lens))
+        return per_slot_S[self.seq_ids_T]
+
     def attention_mask(self) -> Tensor:
         """Block-diagonal causal mask [1, 1, T, T] for megatron's local attention (True = masked out)."""
         return block_causal_mask(self.cu_seqlens_padded)

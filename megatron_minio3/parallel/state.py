@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_minio3.parallel.context_parallel import forget_context_parallel_groups, init_context_parallel_groups
 from megatron_minio3.parallel.cpu_compat import activate_cpu_compat, cuda_available
 
 
@@ -94,10 +95,12 @@ def init_parallel(
     dp = validate_parallel_sizes(world_size, tp, pp, cp)
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
+    # Context parallelism is ours (parallel.context_parallel): megatron sees cp folded into data parallelism, so
+    # its DDP and distributed optimizer reduce and shard over dp * cp and none of its TE-only CP paths run.
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        context_parallel_size=cp,
+        context_parallel_size=1,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=not on_gpu,
     )
@@ -105,7 +108,9 @@ def init_parallel(
     tensor_parallel.model_parallel_cuda_manual_seed(
         seed, inference_rng_tracker=not on_gpu, force_reset_rng=True
     )
+    init_context_parallel_groups(cp)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    folded_dp_rank = mpu.get_data_parallel_rank()  # = dp_rank * cp + cp_rank
     return ParallelContext(
         rank=dist.get_rank(),
         world_size=world_size,
@@ -115,8 +120,8 @@ def init_parallel(
         dp_size=dp,
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
-        cp_rank=mpu.get_context_parallel_rank(),
-        dp_rank=mpu.get_data_parallel_rank(),
+        cp_rank=folded_dp_rank % cp,
+        dp_rank=folded_dp_rank // cp,
         backend=backend,
         device=device,
     )
@@ -128,5 +133,6 @@ def destroy_parallel() -> None:
 
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
+    forget_context_parallel_groups()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,6 +1,8 @@
 """The Megatron actor on packed multimodal trajectories (tiny Qwen2.5-VL, CPU, gloo, fp32).
 
 Default run: TP=2 (packed == one-at-a-time log-probs; first update has ppo_kl 0 and clip fraction 0).
+Default run too: CP=2 (each sequence split over two ranks, two-image trajectories) gives the log-probs and the
+gradients of CP=1 within 1e-5, and each image goes through the vision tower once.
 Slow: the TP1 / TP2 / PP2 / DP2 layouts agree on log-probs, and the loss and gradients (after the DP
 all-reduce) of one mini-batch do not depend on how it is split, for every agg_mode.
 """
@@ -18,6 +20,7 @@ LAYOUTS = {  # name: (processes, script arguments)
     "tp2": (2, ["--tp", 2, "--update"]),
     "pp2": (2, ["--pp", 2, "--update"]),
     "dp2": (2, ["--grads", "--update"]),
+    "cp2": (2, ["--cp", 2, "--grads", "--update"]),
 }
 
 
@@ -94,3 +97,27 @@ def test_split_invariance_of_loss_and_gradients(run_layout):
             for name, grad in reference_grads.items():
                 torch.testing.assert_close(source["grads"][key][name], grad, rtol=1e-5, atol=1e-5 * scale,
                                            msg=lambda m: f"{key} {name}: {m}")
+
+
+def test_context_parallel_equals_one_rank_and_encodes_each_image_once(run_layout):
+    tp1, cp2 = run_layout("tp1"), run_layout("cp2")
+    assert [r["cp_size"] for r in cp2["ranks"]] == [2, 2] and [r["dp_size"] for r in cp2["ranks"]] == [1, 1]
+    assert sorted(cp2["logprobs"]) == sorted(tp1["logprobs"]) == list(range(12))
+    for index, values in tp1["logprobs"].items():
+        torch.testing.assert_close(cp2["logprobs"][index], values, rtol=0, atol=1e-5)
+    # the vision tower: every image of the share once, over both ranks, and both ranks take part
+    images = cp2["ranks"][0]["images_in_share"]
+    assert images == 12
+    encoded = [r["images_encoded_by_this_rank"] for r in cp2["ranks"]]
+    assert sum(encoded) == images and min(encoded) > 0
+    for agg_mode in AGG_MODES:
+        reference_grads = tp1["grads"][f"{agg_mode}/dp1/budget4096"]
+        key = f"{agg_mode}/dp1cp2/budget160"
+        assert cp2["ranks"][0]["losses"][key] == pytest.approx(tp1["ranks"][0]["losses"][f"{agg_mode}/dp1/budget4096"],
+                                                               rel=1e-5)
+        scale = max(g.abs().max().item() for g in reference_grads.values())
+        for name, grad in reference_grads.items():
+            assert cp2["grads"][key][name].abs().max() > 0 or grad.abs().max() == 0, name
+            torch.testing.assert_close(cp2["grads"][key][name], grad, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m: f"{key} {name}: {m}")
+    check_first_update(cp2["ranks"])

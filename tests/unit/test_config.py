@@ -88,7 +88,7 @@ def test_value_checks_across_sections():
 
 @pytest.mark.parametrize("overrides,message", [
     (["parallel.backend=gloo"], "unknown config key 'parallel.backend'"),  # chosen from the device, not a key
-    (["parallel.cp=2"], "parallel.cp must be 1: context parallelism is not implemented yet"),
+    (["parallel.cp=0"], "parallel.cp must be >= 1"),
     (["ref.enabled=true"], "ref.enabled=true but algorithm.kl_coef is 0"),
     (["ref.enabled=false", "algorithm.kl_coef=0.01"], "algorithm.kl_coef=0.01 needs the reference model"),
     (["actor.optim.min_lr=1e-7"], "actor.optim.min_lr .* only applies to actor.optim.lr_schedule=cosine"),

@@ -21,6 +21,7 @@ from torch import Tensor
 from megatron_minio3.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from megatron_minio3.models.qwen2_5_vl.layer_spec import language_layer_spec, resolve_use_te
 from megatron_minio3.models.qwen2_5_vl.vision import VisionEncoder, vision_inverse_frequencies
+from megatron_minio3.parallel.context_parallel import ContextShard, assign_images, gather_rows
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,12 @@ class ModelOptions:
     freeze_merger: bool = False  # the 2x2 merger / projector into the LLM width
     freeze_language_model: bool = False
     use_cpu_initialization: bool | None = None  # None: only when CUDA is absent
-    # Full activation recompute in training: each decoder layer and vision block keeps only its input and
-    # recomputes the rest in the backward pass (megatron recompute_granularity="full", one layer per unit).
+    # Activation recompute in training. "full": each decoder layer and vision block keeps only its input and
+    # recomputes the rest in the backward pass (megatron recompute_granularity="full", one layer per unit);
+    # "selective": only the decoder submodules in recompute_modules rerun (vision blocks still rerun whole).
     recompute_activations: bool = False
+    recompute_granularity: str = "full"
+    recompute_modules: tuple[str, ...] = ("core_attn", "mlp")
     perform_initialization: bool = True  # False when every weight is loaded right after (conversion)
 
 
@@ -65,6 +69,17 @@ def validate_parallel_layout(cfg: Qwen2_5_VLConfig, tp: int, pp: int) -> None:
         if value % size:
             raise ValueError(f"text config {name}={value} is not divisible by {size_name}={size}")
     pipeline_layer_split(text.num_layers, pp)
+
+
+def _recompute_settings(options: ModelOptions) -> dict:
+    """megatron TransformerConfig fields for ModelOptions' recompute choice."""
+    if not options.recompute_activations:
+        return dict(recompute_granularity=None)
+    if options.recompute_granularity == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if options.recompute_granularity == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(options.recompute_modules))
+    raise ValueError(f"recompute_granularity must be 'full' or 'selective', got {options.recompute_granularity!r}")
 
 
 def build_transformer_config(cfg: Qwen2_5_VLConfig, options: ModelOptions) -> TransformerConfig:
@@ -114,9 +129,7 @@ def build_transformer_config(cfg: Qwen2_5_VLConfig, options: ModelOptions) -> Tr
         moe_token_dispatcher_type="alltoall",  # dense model; megatron rejects its default with variable lengths
         use_cpu_initialization=use_cpu_init,
         perform_initialization=options.perform_initialization,
-        recompute_granularity="full" if options.recompute_activations else None,
-        recompute_method="uniform" if options.recompute_activations else None,
-        recompute_num_layers=1 if options.recompute_activations else None,
+        **_recompute_settings(options),
     )
 
 
@@ -192,12 +205,21 @@ class Qwen2_5_VLModel(MegatronModule):
         return self.language_model.share_embeddings_and_output_weights
 
     def embed(
-        self, input_ids_BS: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None
+        self, input_ids_BS: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None,
+        shard: ContextShard | None = None,
     ) -> Tensor:
-        """Token embeddings [S, B, H] with the image features written at the <|image_pad|> positions."""
-        embeds_SBH = self.language_model.embedding(input_ids=input_ids_BS, position_ids=None)
+        """Token embeddings [S, B, H] with the image features written at the <|image_pad|> positions.
+
+        With a context-parallel shard (B = 1): embeddings of the shard's tokens only [T / cp, 1, H]; each image is
+        encoded on one CP rank (context_parallel.assign_images) and the features are all-gathered."""
         is_image_BS = input_ids_BS == self.model_cfg.image_token_id
         num_image_tokens = int(is_image_BS.sum())
+        cp = shard is not None and shard.cp_size > 1
+        if cp:
+            index_T = shard.index_T.to(input_ids_BS.device)
+            embeds_SBH = self.language_model.embedding(input_ids=input_ids_BS[:, index_T], position_ids=None)
+        else:
+            embeds_SBH = self.language_model.embedding(input_ids=input_ids_BS, position_ids=None)
         if pixel_values is None:
             if num_image_tokens:
                 raise ValueError(f"input_ids contain {num_image_tokens} image tokens but pixel_values is None")
@@ -206,14 +228,51 @@ class Qwen2_5_VLModel(MegatronModule):
             raise ValueError("pixel_values given without image_grid_thw")
         vision_trainable = any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
-            image_embeds_MH = self.vision_model(pixel_values, image_grid_thw)
+            if cp:
+                image_embeds_MH = self._encode_images_over_context_ranks(pixel_values, image_grid_thw, shard)
+            else:
+                image_embeds_MH = self.vision_model(pixel_values, image_grid_thw)
         if image_embeds_MH.shape[0] != num_image_tokens:
             raise ValueError(
                 f"input_ids contain {num_image_tokens} image tokens but image_grid_thw describes "
                 f"{image_embeds_MH.shape[0]} image features"
             )
+        if cp:  # B = 1: the image-token ordinal of every local position picks its feature row
+            ordinal_T = is_image_BS[0].long().cumsum(0) - 1
+            local_is_image_T = is_image_BS[0, index_T]
+            seq_index = local_is_image_T.nonzero(as_tuple=True)[0]
+            rows = image_embeds_MH[ordinal_T[index_T][local_is_image_T]]
+            return embeds_SBH.index_put((seq_index, torch.zeros_like(seq_index)), rows.to(embeds_SBH.dtype))
         batch_index, seq_index = is_image_BS.nonzero(as_tuple=True)  # row-major: images in order
         return embeds_SBH.index_put((seq_index, batch_index), image_embeds_MH.to(embeds_SBH.dtype))
+
+    def _encode_images_over_context_ranks(self, pixel_values: Tensor, image_grid_thw: Tensor,
+                                          shard: ContextShard) -> Tensor:
+        """[M, H] features of every image, in image order; this rank encodes only the images assigned to it."""
+        patches = image_grid_thw.prod(dim=1).tolist()
+        merge = self.model_cfg.vision.spatial_merge_size ** 2
+        owner = assign_images(patches, shard.cp_size)
+        starts = [0]
+        for n in patches:
+            starts.append(starts[-1] + n)
+        mine = [i for i, r in enumerate(owner) if r == shard.cp_rank]
+        if mine:
+            rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=pixel_values.device) for i in mine])
+            local_MH = self.vision_model(pixel_values[rows], image_grid_thw[mine])
+        else:  # still part of the graph, so every rank takes part in the gather's backward
+            anchor = next(self.vision_model.parameters())
+            local_MH = anchor.new_zeros((0, self.model_cfg.text.hidden_size)) + 0 * anchor.sum()
+        counts = [sum(patches[i] // merge for i, r in enumerate(owner) if r == rank) for rank in range(shard.cp_size)]
+        gathered_MH = gather_rows(local_MH, counts, shard.group)
+        # gathered rows: rank 0's images in image order, then rank 1's, ...; put them back in image order
+        offset, position = 0, {}
+        for rank in range(shard.cp_size):
+            for i, r in enumerate(owner):
+                if r == rank:
+                    position[i] = offset
+                    offset += patches[i] // merge
+        order = torch.cat([torch.arange(position[i], position[i] + patches[i] // merge) for i in range(len(patches))])
+        return gathered_MH[order.to(gathered_MH.device)]
 
     def forward(
         self,
@@ -231,20 +290,31 @@ class Qwen2_5_VLModel(MegatronModule):
         mrope.get_rope_index (or precomputed per packed sequence); attention_mask: None for causal
         attention, else megatron's boolean mask [B, 1, S, S] (True = masked); pixel_values
         [num_patches, C*T*P*P] and image_grid_thw [num_images, 3] for the images in order of appearance;
-        packed_seq_params: megatron PackedSeqParams (cu_seqlens) for THD input.
+        packed_seq_params: megatron PackedSeqParams (cu_seqlens) for THD input; an
+        attention.ContextParallelSeqParams with a shard of cp > 1 takes the FULL stream's input_ids/position_ids
+        and the LOCAL stream's cu_seqlens, and returns the local tokens' outputs [1, T / cp, ...].
         """
         if position_ids.dim() != 3 or position_ids.shape[0] != 3 or position_ids.shape[1:] != input_ids.shape:
             raise ValueError(
                 f"position_ids must be [3, B, S] = [3, {', '.join(map(str, input_ids.shape))}], "
                 f"got {tuple(position_ids.shape)}"
             )
+        shard = getattr(packed_seq_params, "shard", None)
+        if shard is not None and shard.cp_size > 1:  # the full stream comes in; this rank computes its shard
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"context parallelism takes one packed sequence stream (B = 1), got B = "
+                                 f"{input_ids.shape[0]}")
+            index_T = shard.index_T.to(input_ids.device)
+            position_ids = position_ids[:, :, index_T]
+        else:
+            shard, index_T = None, None
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, shard)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         return self.language_model(
-            input_ids=input_ids,
+            input_ids=input_ids if index_T is None else input_ids[:, index_T],
             position_ids=position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,

@@ -33,6 +33,7 @@ from megatron_minio3.models.qwen2_5_vl.config import load_hf_config
 from megatron_minio3.models.qwen2_5_vl.layer_spec import resolve_use_te
 from megatron_minio3.models.qwen2_5_vl.model import ModelOptions, Qwen2_5_VLModel, build_model
 from megatron_minio3.packing.thd import PackedMicroBatch
+from megatron_minio3.parallel.context_parallel import context_parallel_group
 from megatron_minio3.parallel.grad import clip_grad_norm_
 from megatron_minio3.workers.actor.lr_schedule import build_lr_scheduler
 from megatron_minio3.workers.actor.offload import ActorStateOffloader, HostOffloader, OffloadStats, param_tensors
@@ -61,12 +62,16 @@ def build_model_from_hf(hf_dir: str | Path, options: ModelOptions) -> Qwen2_5_VL
     return model
 
 
-def _forward_options(model: Qwen2_5_VLModel, use_te: bool, temperature: float) -> ForwardOptions:
+def _forward_options(model: Qwen2_5_VLModel, temperature: float) -> ForwardOptions:
+    """THD attention on every spec (TE, or PackedAttention on the local one); this rank's context-parallel group."""
+    group = context_parallel_group()
     return ForwardOptions(
         temperature=temperature,
         vocab_size=model.model_cfg.text.vocab_size,
-        use_thd=use_te,
         device=next(model.parameters()).device,
+        cp_size=1 if group is None else torch.distributed.get_world_size(group),
+        cp_rank=0 if group is None else torch.distributed.get_rank(group),
+        cp_group=group,
     )
 
 
@@ -84,10 +89,10 @@ class ReferencePolicy:
     tests); the parameter objects stay where they are, and come back bit-identical for each use.
     """
 
-    def __init__(self, model: Qwen2_5_VLModel, use_te: bool, temperature: float, offload_to_host: bool):
+    def __init__(self, model: Qwen2_5_VLModel, temperature: float, offload_to_host: bool):
         self.model = model
         self.model.requires_grad_(False)
-        self.options = _forward_options(model, use_te, temperature)
+        self.options = _forward_options(model, temperature)
         self.offload_to_host = offload_to_host
         self.host_offloader = HostOffloader(lambda: param_tensors(self.model))
         if self.offload_to_host:
@@ -103,7 +108,7 @@ class ReferencePolicy:
         model = build_model_from_hf(hf_dir, ModelOptions(params_dtype=DTYPES[dtype], use_te=use_te))
         if load:
             load_megatron_checkpoint(model, load)
-        return cls(model, use_te, temperature, offload_to_host)
+        return cls(model, temperature, offload_to_host)
 
     def compute_logprobs(self, micro_batches: list[PackedMicroBatch]) -> list[TokenScores] | None:
         if self.offload_to_host:
@@ -124,7 +129,6 @@ class MegatronActor:
         actor_cfg: ActorConfig,
         algorithm: AlgorithmConfig,
         *,
-        use_te: bool,
         total_optimizer_steps: int,
         temperature: float = 1.0,
     ):
@@ -138,7 +142,7 @@ class MegatronActor:
         self.model = DistributedDataParallel(model.config, ddp_config, model)
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.no_sync_func = self.model.no_sync
-        self.options = _forward_options(model, use_te, temperature)
+        self.options = _forward_options(model, temperature)
 
         optim = actor_cfg.optim
         dtype = DTYPES[actor_cfg.dtype]
@@ -182,10 +186,12 @@ class MegatronActor:
             freeze_merger=actor_cfg.freeze_merger,
             freeze_language_model=actor_cfg.freeze_language_model,
             recompute_activations=actor_cfg.recompute_activations,
+            recompute_granularity=actor_cfg.recompute_granularity,
+            recompute_modules=tuple(actor_cfg.recompute_modules),
         )
         model = build_model_from_hf(hf_dir, options)
         return cls(
-            model, actor_cfg, algorithm, use_te=use_te, total_optimizer_steps=total_optimizer_steps,
+            model, actor_cfg, algorithm, total_optimizer_steps=total_optimizer_steps,
             temperature=temperature,
         )
 

@@ -3,6 +3,12 @@
 Runs on every rank of a TP x PP x DP layout; each data-parallel rank passes its own share of micro-batches
 (`PackedMiniBatch.micro_batches[dp_rank]`), the same list on every TP/PP rank of that share.
 
+Context parallel (options.cp_size > 1): every rank of a CP group gets the same micro-batches, the model computes
+the rank's shard of each (parallel.context_parallel) and the loss is taken over the shard's labels with the
+mini-batch's global normalisers (n_s of the seq-mean modes from the whole micro-batch); log-probs are gathered
+back to the whole micro-batch. megatron sees the CP ranks as data-parallel ranks (dp_size below is dp * cp), which
+the scaling below already accounts for: the local losses of a CP group sum to the sequences' loss.
+
 Loss scaling. `policy_loss` returns each micro-batch's share of the mini-batch loss (normalised by the global
 token / sequence counts), so the mini-batch loss is the plain SUM over micro-batches and ranks. megatron's
 schedule divides what the loss function returns by the number of micro-batches (and multiplies by the CP size),
@@ -23,7 +29,9 @@ from torch import Tensor
 from megatron_minio3.algorithms.policy_loss import LossCounts, policy_loss
 from megatron_minio3.algorithms.sft_loss import sft_loss
 from megatron_minio3.config.algorithm import AlgorithmConfig
+from megatron_minio3.models.qwen2_5_vl.attention import ContextParallelSeqParams
 from megatron_minio3.packing.thd import PackedMicroBatch
+from megatron_minio3.parallel.context_parallel import ContextShard, make_shard, unshard
 from megatron_minio3.parallel.vocab_parallel import vocab_parallel_logprobs_and_entropy
 
 
@@ -31,25 +39,51 @@ from megatron_minio3.parallel.vocab_parallel import vocab_parallel_logprobs_and_
 class ForwardOptions:
     temperature: float  # the rollout's sampling temperature (Mini-o3: 1.0)
     vocab_size: int  # real vocabulary size; padded columns of the output layer are excluded
-    use_thd: bool  # Transformer Engine THD attention with cu_seqlens; else a block-causal mask
     device: torch.device
+    # THD attention with cu_seqlens (TE, or our PackedAttention on the local spec); False: a [T, T] block-causal
+    # mask, only for measuring the masked baseline (tools/bench/actor_step.py)
+    use_thd: bool = True
+    cp_size: int = 1  # context parallel: every rank computes 1/cp of each micro-batch's tokens
+    cp_rank: int = 0
+    cp_group: torch.distributed.ProcessGroup | None = None
 
 
-def model_inputs(mb: PackedMicroBatch, options: ForwardOptions) -> dict:
+def context_shard(mb: PackedMicroBatch, options: ForwardOptions) -> ContextShard | None:
+    """This rank's share of the micro-batch's tokens under context parallelism; None at cp = 1."""
+    if options.cp_size == 1:
+        return None
+    return make_shard(mb.cu_seqlens_padded, options.cp_size, options.cp_rank, options.cp_group)
+
+
+def model_inputs(mb: PackedMicroBatch, options: ForwardOptions, shard: ContextShard | None = None) -> dict:
     """Keyword arguments of Qwen2_5_VLModel.forward for one packed micro-batch (batch of one, S = T)."""
     device = options.device
 
     def move(tensor: Tensor | None) -> Tensor | None:
         return None if tensor is None else tensor.to(device)
 
+    if shard is not None:
+        if not options.use_thd:
+            raise ValueError("context parallelism needs THD attention (use_thd=True)")
+        cu, max_len = shard.local_cu_seqlens, mb.max_seqlen_padded // options.cp_size
+        packed = ContextParallelSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                                          cu_seqlens_kv_padded=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len,
+                                          shard=shard)
+    else:
+        packed = mb.packed_seq_params() if options.use_thd else None
     return dict(
         input_ids=mb.input_ids_T[None].to(device),
         position_ids=mb.position_ids_3T[:, None, :].to(device),
         attention_mask=None if options.use_thd else mb.attention_mask().to(device),
-        packed_seq_params=mb.packed_seq_params() if options.use_thd else None,
+        packed_seq_params=packed,
         pixel_values=move(mb.pixel_values),
         image_grid_thw=move(mb.image_grid_thw),
     )
+
+
+def _local(values_T: Tensor, shard: ContextShard | None) -> Tensor:
+    """The shard's entries of a per-position [T] tensor of the micro-batch (all of them without CP)."""
+    return values_T if shard is None else values_T[shard.index_T.to(values_T.device)]
 
 
 def _run_schedule(
@@ -65,15 +99,16 @@ def _run_schedule(
 
     def forward_step(data_iterator, step_model):
         mb = next(data_iterator)
-        output = step_model(**model_inputs(mb, options), runtime_gather_output=False)
-        return output, make_loss_func(mb)
+        shard = context_shard(mb, options)
+        output = step_model(**model_inputs(mb, options, shard), runtime_gather_output=False)
+        return output, make_loss_func(mb, shard)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=micro_batch_iter,
         model=[model],
         num_microbatches=len(micro_batches),
-        seq_length=max(mb.num_tokens for mb in micro_batches),
+        seq_length=max(mb.num_tokens for mb in micro_batches) // options.cp_size,
         micro_batch_size=1,
         forward_only=forward_only,
         collect_non_loss_data=forward_only,
@@ -95,12 +130,14 @@ def forward_logprobs(
     """Log-probs and entropies of every label of every micro-batch on last-stage ranks; None elsewhere."""
     model.eval()
 
-    def make_loss_func(mb: PackedMicroBatch):
+    def make_loss_func(mb: PackedMicroBatch, shard: ContextShard | None):
         def scores(logits_1TV: Tensor, non_loss_data: bool = True) -> TokenScores:
             logprobs_T, entropy_T = vocab_parallel_logprobs_and_entropy(
-                logits_1TV[0], mb.labels_T.to(logits_1TV.device), options.temperature,
+                logits_1TV[0], _local(mb.labels_T, shard).to(logits_1TV.device), options.temperature,
                 vocab_size=options.vocab_size,
             )
+            if shard is not None:  # every CP rank of the group gets the whole micro-batch's scores
+                logprobs_T, entropy_T = unshard(logprobs_T, shard), unshard(entropy_T, shard)
             return TokenScores(logprobs_T=logprobs_T.cpu(), entropy_T=entropy_T.cpu())
 
         return scores
@@ -136,22 +173,26 @@ def forward_backward_policy_loss(
             if missing:
                 raise ValueError(f"micro-batch {index} lacks token values {sorted(missing)} needed by the loss")
 
-    def make_loss_func(mb: PackedMicroBatch):
+    def make_loss_func(mb: PackedMicroBatch, shard: ContextShard | None):
         def loss_func(logits_1TV: Tensor):
             device = logits_1TV.device
-            values = {name: value.to(device) for name, value in mb.token_values_T.items()}
+            values = {name: _local(value, shard).to(device) for name, value in mb.token_values_T.items()}
             logprobs_T, entropy_T = vocab_parallel_logprobs_and_entropy(
-                logits_1TV[0], mb.labels_T.to(device), options.temperature, vocab_size=options.vocab_size
+                logits_1TV[0], _local(mb.labels_T, shard).to(device), options.temperature,
+                vocab_size=options.vocab_size,
             )
+            # A sequence's loss tokens n_s come from the whole micro-batch: under CP a rank sees part of them.
+            seq_tokens_T = None if shard is None else _local(mb.loss_tokens_per_sequence(), shard).to(device)
             out = policy_loss(
                 logprobs_T,
                 values["old_logprobs"].float(),
                 values["advantages"].float(),
-                mb.loss_mask_T.to(device),
+                _local(mb.loss_mask_T, shard).to(device),
                 algorithm.clip_ratio_low,
                 algorithm.clip_ratio_high,
                 algorithm.loss_agg_mode,
-                seq_ids=mb.seq_ids_T.to(device),
+                seq_ids=_local(mb.seq_ids_T, shard).to(device),
+                seq_num_tokens=seq_tokens_T,
                 global_num_tokens=loss_counts.num_tokens,
                 global_num_seqs=loss_counts.num_seqs,
                 entropy=entropy_T,
@@ -186,13 +227,14 @@ def forward_backward_sft_loss(
     dp_size = mpu.get_data_parallel_world_size()
     num_micro_batches = len(micro_batches)
 
-    def make_loss_func(mb: PackedMicroBatch):
+    def make_loss_func(mb: PackedMicroBatch, shard: ContextShard | None):
         def loss_func(logits_1TV: Tensor):
             device = logits_1TV.device
             logprobs_T, _ = vocab_parallel_logprobs_and_entropy(
-                logits_1TV[0], mb.labels_T.to(device), options.temperature, vocab_size=options.vocab_size
+                logits_1TV[0], _local(mb.labels_T, shard).to(device), options.temperature,
+                vocab_size=options.vocab_size,
             )
-            out = sft_loss(logprobs_T, mb.loss_mask_T.to(device), global_num_tokens)
+            out = sft_loss(logprobs_T, _local(mb.loss_mask_T, shard).to(device), global_num_tokens)
             metrics = {"loss": out.loss.detach().clone(), "num_tokens": out.num_tokens}
             return out.loss * (num_micro_batches * dp_size), metrics
 

@@ -1,12 +1,13 @@
 """torchrun worker: the Megatron actor on packed multimodal trajectories (tiny Qwen2.5-VL, CPU/gloo, fp32).
 
-Usage: torchrun --nproc_per_node N actor_step.py --hf-dir DIR --out-dir OUT --tp T --pp P [--grads] [--update]
+Usage: torchrun --nproc_per_node N actor_step.py --hf-dir DIR --out-dir OUT --tp T --pp P --cp C [--grads] [--update]
 
 Always: log-probs of every trajectory from packed micro-batches (this rank's data-parallel share), and the
 same trajectories one at a time; the last-stage TP-rank-0 ranks save them (token-aligned, by trajectory).
 --grads: for every agg_mode, the gradients (after megatron's DP all-reduce) of the GRPO loss of the whole
   mini-batch, packed into micro-batches under two budgets (at DP1: one big micro-batch vs many; at DP>1: one
-  budget); rank 0 saves them with the loss (needs tp = pp = 1).
+  budget); rank 0 saves them with the loss (needs tp = pp = 1). With --cp 2 every sequence is split over two
+  ranks; each rank counts the images its vision tower encodes.
 --update: one optimizer step (KL and entropy terms on) with old log-probs recomputed by the same weights and
   reference log-probs from a ReferencePolicy built from the same checkpoint; saves its metrics.
 """
@@ -74,33 +75,47 @@ def make_items(hf_dir: str) -> list[PackingItem]:
     return items
 
 
+def count_encoded_images(model) -> list[int]:
+    """A one-element list counting the images this rank's vision tower encodes (rows of image_grid_thw)."""
+    count = [0]
+    if model.vision_model is not None:
+        model.vision_model.register_forward_hook(lambda module, args, out: count.__setitem__(0, count[0] + len(args[1])))
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--grads", action="store_true")
     parser.add_argument("--update", action="store_true")
     args = parser.parse_args()
 
-    ctx = init_parallel(tp=args.tp, pp=args.pp, seed=5)
+    ctx = init_parallel(tp=args.tp, pp=args.pp, cp=args.cp, seed=5)
     algorithm = AlgorithmConfig(clip_ratio_low=0.2, clip_ratio_high=0.3)
     update_algorithm = replace(algorithm, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
     actor_cfg = ActorConfig(dtype="float32", optim=OptimConfig(lr=1e-4, clip_grad=1.0))
     actor = MegatronActor.from_hf(args.hf_dir, actor_cfg, update_algorithm, total_optimizer_steps=4)
     items = make_items(args.hf_dir)
-    writer = ctx.is_last_stage and ctx.tp_rank == 0
-    result: dict = {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "dp_size": ctx.dp_size}
+    writer = ctx.is_last_stage and ctx.tp_rank == 0 and ctx.cp_rank == 0
+    result: dict = {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "dp_size": ctx.dp_size, "cp_size": ctx.cp_size}
+    images_encoded = count_encoded_images(actor.module)
 
     packed = pack_mini_batch(
-        items, PackingConfig(max_tokens_per_microbatch=SMALL_BUDGET), dp_size=ctx.dp_size, tp_size=ctx.tp_size
+        items, PackingConfig(max_tokens_per_microbatch=SMALL_BUDGET), dp_size=ctx.dp_size, tp_size=ctx.tp_size,
+        cp_size=ctx.cp_size,
     )
     shard = packed.micro_batches[ctx.dp_rank]
     result["num_micro_batches"] = len(shard)
     scores = actor.compute_logprobs(shard)
+    result["images_in_share"] = sum(0 if mb.image_grid_thw is None else len(mb.image_grid_thw) for mb in shard)
+    result["images_encoded_by_this_rank"] = images_encoded[0]
     singles = [
-        pack_sequences([items[i]], [i], padding_multiple(ctx.tp_size)) for mb in shard for i in mb.sample_indices
+        pack_sequences([items[i]], [i], padding_multiple(ctx.tp_size, ctx.cp_size))
+        for mb in shard for i in mb.sample_indices
     ]
     single_scores = actor.compute_logprobs(singles)
     if writer:
@@ -116,19 +131,20 @@ def main() -> None:
 
     if args.grads:
         assert ctx.tp_size == 1 and ctx.pp_size == 1, "--grads compares full gradients: tp = pp = 1"
-        budgets = [BIG_BUDGET, SMALL_BUDGET] if ctx.dp_size == 1 else [SMALL_BUDGET]
+        budgets = [BIG_BUDGET, SMALL_BUDGET] if ctx.dp_size * ctx.cp_size == 1 else [SMALL_BUDGET]
         grads, losses, counts = {}, {}, {}
         for agg_mode in LOSS_AGG_MODES:
             for budget in budgets:
                 split = pack_mini_batch(
-                    items, PackingConfig(max_tokens_per_microbatch=budget), dp_size=ctx.dp_size, tp_size=1
+                    items, PackingConfig(max_tokens_per_microbatch=budget), dp_size=ctx.dp_size, tp_size=1,
+                    cp_size=ctx.cp_size,
                 )
                 actor.model.zero_grad_buffer()
                 metrics = forward_backward_policy_loss(
                     actor.model, split.micro_batches[ctx.dp_rank], split.loss_counts,
                     replace(algorithm, loss_agg_mode=agg_mode), actor.options,
                 )
-                key = f"{agg_mode}/dp{ctx.dp_size}/budget{budget}"
+                key = f"{agg_mode}/dp{ctx.dp_size}{'' if ctx.cp_size == 1 else f'cp{ctx.cp_size}'}/budget{budget}"
                 grads[key] = {n: p.main_grad.detach().clone() for n, p in actor.module.named_parameters()}
                 losses[key] = metrics["loss"]
                 counts[key] = len(split.micro_batches[ctx.dp_rank])
