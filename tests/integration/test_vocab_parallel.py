@@ -90,3 +90,44 @@ def test_tp2_never_moves_more_than_three_numbers_per_token(tp2_results):
     for result in tp2_results:
         for name, case in result["cases"].items():
             assert case["collectives"] == [["all_reduce", NUM_TOKENS], ["all_reduce", 3 * NUM_TOKENS]], name
+
+
+CHUNKS_SCRIPT = REPO_ROOT / "tests/integration/scripts/vp_chunks.py"
+
+
+@pytest.fixture(scope="module")
+def tp2_chunk_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("vp_chunks")
+    run_torchrun(CHUNKS_SCRIPT, 2, ["--out-dir", out_dir], timeout=300)
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_tp2_vocab_chunks_match_unchunked_and_reference(tp2_chunk_results):
+    """Chunk sizes 1, 5, 13 (not dividing the 32-column slices), 32 and 40 (one chunk) at TP2 with temperatures
+    0.7-1.3, 7 padding columns on rank 1, and a rank 1 of padding only. float32: within 1e-6 plus one float32
+    rounding step of the largest value (2^-23 relative) of the unchunked call, 1e-5 of the float64 reference;
+    bf16 logits: the same for the float32 outputs, gradients (bf16) within one bf16 step (2^-8 of the largest
+    gradient) of both."""
+    assert [r["tp_rank"] for r in tp2_chunk_results] == [0, 1]
+    padding_seen = set()
+    for result in tp2_chunk_results:
+        for name, case in result["cases"].items():
+            bf16 = name.startswith("bf16")
+            assert case["grad_dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
+            assert sorted(map(int, case["chunks"])) == [1, 5, 13, 32, 40]
+            for chunk_size, chunk in case["chunks"].items():
+                where = (result["tp_rank"], name, chunk_size)
+                assert chunk["logprob_vs_unchunked"] <= 1e-6 + 2**-23 * chunk["max_abs_logprob"], where
+                assert chunk["entropy_vs_unchunked"] <= 1e-6 + 2**-23 * chunk["max_abs_entropy"], where
+                assert chunk["logprob_vs_reference"] <= 1e-5 and chunk["entropy_vs_reference"] <= 1e-5, where
+                if bf16:
+                    assert chunk["grad_vs_unchunked"] <= 2**-8 * case["grad_scale"], where
+                    assert chunk["grad_vs_reference"] <= 2**-8 * case["grad_scale"], where
+                else:
+                    assert chunk["grad_vs_unchunked"] <= 1e-6 + 2**-23 * case["grad_scale"], where
+                    assert chunk["grad_vs_reference"] <= 1e-5, where
+                assert chunk["padding_grad_abs_sum"] == 0.0, where
+                padding_seen.add(chunk["num_padding_columns"])
+                # chunking adds no communication: still one MAX of T and one SUM of 3T numbers
+                assert chunk["collectives"] == [["all_reduce", NUM_TOKENS], ["all_reduce", 3 * NUM_TOKENS]], where
+    assert padding_seen == {0, 2, 7, 32}  # none, partly padded slices (vocab 30 and 57), padding only
