@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mini-o3 GRPO at 32B on 2 nodes x 8 GPUs: configs/qwen2_5_vl_32b_grpo.yaml (actor TP8 x PP2 = 16 ranks, one
+# Mini-o3 GRPO at 32B on 2 nodes x 8 GPUs: configs/qwen2_5_vl_32b_grpo.yaml (actor TP8 x DP2 = 16 ranks, one
 # colocated vLLM engine per 4 GPUs, so 4 rollout handles). Every node needs this repository and its venv at the
 # same path (`make setup`), and trainer.output_dir on a filesystem all nodes share (every rank writes its
 # checkpoint shards there).

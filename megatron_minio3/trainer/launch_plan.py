@@ -25,6 +25,7 @@ GiB = 2**30
 CUDA_OVERHEAD_BYTES = 2 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers: once per GPU process
 ENGINE_ACTIVATION_RESERVE_BYTES = 4 * GiB  # vLLM's profiled forward peak (vision encoder included) + CUDA graphs
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RECOMPUTE_MODES = ("none", "selective", "full")  # activation recompute of the decoder (megatron's granularity)
 RANK_ORDER = "tp-cp-dp-pp"  # innermost first: megatron's default order without expert parallelism
 
 
@@ -48,6 +49,8 @@ class ModelDims:
     spatial_merge_size: int = 2
     in_channels: int = 3
     checkpoint_dtype: str = "bfloat16"
+    vision_window_size: int = 112  # pixels per side of a window-attention block's window
+    vision_num_full_attention_blocks: int = 4  # blocks that attend over the whole image (fullatt_block_indexes)
 
     @property
     def head_dim(self) -> int:
@@ -71,7 +74,8 @@ def read_model_dims(hf_config: dict[str, Any]) -> ModelDims:
         vision_intermediate_size=vision.intermediate_size, vision_out_hidden_size=vision.out_hidden_size,
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
         spatial_merge_size=vision.spatial_merge_size, in_channels=vision.in_channels,
-        checkpoint_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16")
+        checkpoint_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16", vision_window_size=vision.window_size,
+        vision_num_full_attention_blocks=len(vision.fullatt_block_indexes))
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class LaunchPlan:
     max_length_sequences_per_engine: int
     problems: list[str] = field(default_factory=list)  # each one a reason the launch would fail
     notes: list[str] = field(default_factory=list)
+    stage_phases: list[list[PhaseMemory]] = field(default_factory=list)  # first and last stage (phases: the worst)
 
     @property
     def ranks_per_node(self) -> dict[int, list[int]]:
@@ -266,32 +271,75 @@ def image_token_bound(cfg: Config, d: ModelDims) -> float:
     return min(1.0, cfg.rollout.max_images * per_image / cfg.rollout.max_total_tokens)
 
 
-def _train_activations(cfg: Config, d: ModelDims, stage: int, image_fraction: float) -> dict[str, int]:
-    """Activations a 1F1B pipeline stage holds at its backward peak, bytes (actor dtype), for micro-batches of
-    s = packing.max_tokens_per_microbatch / cp tokens per rank.
+def recompute_mode(cfg: Config) -> str:
+    """The config's activation recompute as a RECOMPUTE_MODES name: "none" (actor.recompute_activations false),
+    else actor.recompute_granularity ("full" or "selective", the latter rerunning actor.recompute_modules)."""
+    return cfg.actor.recompute_granularity if cfg.actor.recompute_activations else "none"
 
-    Per decoder layer and token (sequence-parallel TP, flash/varlen attention so no s^2 term, no dropout): the
-    inputs of both norms, of q/k/v, o_proj and fc1, q/k/v themselves, fc1's (gate, up) output and the SiLU*up
-    product: 6h + 2*kv_heads*head_dim + 3f elements, divided by tp. (Korthikanti et al.'s 34*s*h/tp bytes is the
-    GPT case with a 4h GELU MLP and dropout; Qwen2.5-VL's wide SwiGLU gives ~44-45*s*h/tp.) With
-    actor.recompute_activations (full recompute): the layer input (h/tp elements) per layer plus one layer's full
-    set. Stage i of pp keeps pp - i micro-batches in flight. Vision tower (first stage; replicated over TP, so not
-    divided by tp): 8*hv + 3*fv elements per patch and block, 4 patches per image token, image_fraction of the
-    tokens; recompute keeps each block's input; a frozen tower holds one block at a time. Last stage: fp32
-    logits and log-softmax, s * vocab/tp * 4 bytes * 2."""
+
+def _recompute_label(cfg: Config, recompute: str | None) -> str:
+    mode = recompute_mode(cfg) if recompute is None else recompute
+    return f"selective ({', '.join(cfg.actor.recompute_modules)})" if mode == "selective" else mode
+
+
+def _train_activations(cfg: Config, d: ModelDims, stage: int, image_fraction: float,
+                       recompute: str | None = None) -> dict[str, int]:
+    """Activations a 1F1B pipeline stage holds at its backward peak, bytes (actor dtype dt), for micro-batches of
+    s = packing.max_tokens_per_microbatch / cp tokens per rank (context parallel splits every sequence over the
+    cp ranks). recompute: "none", "selective" or "full"; None = the config's (recompute_mode).
+
+    Per decoder layer and token, "none" (local layer spec, sequence-parallel TP, flash/varlen attention so no s^2
+    term, no dropout): the inputs of both norms (2h), the norm outputs that q/k/v and fc1 take as input (2h), q
+    (h), k and v (2*kv_heads*head_dim), o_proj's input (h), fc1's (gate, up) output (2f) and the SiLU*up product
+    that fc2 takes (f): 6h + 2*kv_heads*head_dim + 3f elements, divided by tp, plus the attention's fp32 softmax
+    log-sum-exp, 4 bytes per head, heads/tp; with cp > 1 also the keys and values of the other cp - 1 ranks
+    (PackedAttention all-gathers them and keeps them for its backward): 2*kv_heads*head_dim*(cp - 1) elements /
+    tp. (Korthikanti et al.'s 34*s*h/tp bytes is the GPT case with a 4h GELU MLP and dropout; Qwen2.5-VL's wide
+    SwiGLU gives ~44-45*s*h/tp.)
+    "selective" (megatron's selective recompute of cfg.actor.recompute_modules) drops, per module:
+      core_attn  the log-sum-exp and the gathered keys/values (the checkpoint keeps core attention's inputs q, k, v
+                 and o_proj keeps its output; with flash attention there is no s^2 softmax to drop);
+      mlp        fc1's output (2f) and fc2's input (f): the checkpoint of the whole MLP keeps only its input, the
+                 pre-MLP norm's output, which fc1 kept anyway;
+      layernorm  the two norm outputs (2h): megatron's CheckpointWithoutOutput frees each norm's output once
+                 q/k/v (fc1) has used it and recomputes it from the norm's input, which it keeps. This assumes the
+                 local spec's separate norms: under Transformer Engine the norms are fused into linear_qkv/fc1
+                 (input_layernorm and pre_mlp_layernorm are IdentityOp) and megatron recomputes nothing there.
+    "full": the layer input (h/tp elements) per layer plus one layer's "none" set. Stage i of pp keeps pp - i
+    micro-batches in flight. Vision tower (first stage; replicated over TP, so not divided by tp): 8*hv + 3*fv
+    elements per patch and block, 4 patches per image token, image_fraction of the tokens; under "full" and
+    "selective" alike (the model passes recompute_activations to the tower, whose blocks rerun whole under either
+    granularity) each block keeps its input plus one block's full set; a frozen tower holds one block at a time.
+    Last stage: fp32 logits and log-softmax, s * vocab/tp * 4 bytes * 2."""
     p, dt = cfg.parallel, DTYPE_BYTES[cfg.actor.dtype]
+    mode = recompute_mode(cfg) if recompute is None else recompute
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     s, in_flight, layers = cfg.actor.packing.max_tokens_per_microbatch / p.cp, p.pp - stage, d.num_layers / p.pp
-    per_token_layer = dt * (6 * d.hidden_size + 2 * d.num_kv_heads * d.head_dim + 3 * d.intermediate_size) / p.tp
-    recompute = cfg.actor.recompute_activations
-    decoder = (in_flight * layers * s * dt * d.hidden_size / p.tp + s * per_token_layer if recompute
-               else in_flight * layers * s * per_token_layer)
+    h, f, kv = d.hidden_size, d.intermediate_size, d.num_kv_heads * d.head_dim
+    dropped = {  # bytes per token and layer (before / tp) that each selective module frees
+        "core_attn": 4 * d.num_attention_heads + dt * 2 * kv * (p.cp - 1),
+        "mlp": dt * 3 * f,
+        "layernorm": dt * 2 * h,
+    }
+    per_token_layer = (dt * (6 * h + 2 * kv + 3 * f) + dropped["core_attn"]) / p.tp
+    if mode == "none":
+        decoder = in_flight * layers * s * per_token_layer
+    elif mode == "selective":
+        modules = set(cfg.actor.recompute_modules)
+        if not modules or modules - set(dropped):
+            raise ValueError(f"actor.recompute_modules must be a non-empty subset of {list(dropped)}, got "
+                             f"{cfg.actor.recompute_modules}")
+        decoder = in_flight * layers * s * (per_token_layer - sum(dropped[m] for m in modules) / p.tp)
+    else:
+        decoder = in_flight * layers * s * dt * h / p.tp + s * per_token_layer
     out = {"activations (decoder)": int(decoder)}
     if stage == 0:
         patches = 4 * image_fraction * s
         per_block = patches * dt * (8 * d.vision_hidden_size + 3 * d.vision_intermediate_size)
         if cfg.actor.freeze_vision_tower:
             vision = per_block
-        elif recompute:
+        elif mode in ("full", "selective"):
             vision = in_flight * d.vision_depth * patches * dt * d.vision_hidden_size + per_block
         else:
             vision = in_flight * d.vision_depth * per_block
@@ -316,13 +364,14 @@ def _stage_params(cfg: Config, c: ParamCounts, stage: int) -> tuple[int, int]:
 
 
 def _actor_gpu_phases(cfg: Config, d: ModelDims, c: ParamCounts, stage: int, engine_weights: int, engine_kv: int,
-                      engine_reserve: int, image_fraction: float) -> list[PhaseMemory]:
+                      engine_reserve: int, image_fraction: float, recompute: str | None = None) -> list[PhaseMemory]:
     """One actor GPU of `stage`, bytes per component. State: params in actor.dtype; grads fp32 (megatron DDP,
     grad_reduce_in_fp32); optimizer = fp32 main params + Adam m and v (12 bytes/param; 8 in fp32) sharded over
     dp*cp (distributed optimizer). actor.offload_to_host_between_phases moves the state off the GPU outside
     "train" (params come back for "sync"). rollout.enable_sleep_mode frees engine weights and KV cache outside
     "rollout" (the weights come back for "sync"). The reference model (actor dtype) is on the GPU during "train"
-    when used (resident, or brought in for its log-prob pass), and in every phase unless ref.offload_to_host."""
+    when used (resident, or brought in for its log-prob pass), and in every phase unless ref.offload_to_host.
+    recompute: as _train_activations."""
     a, hybrid = cfg.actor, cfg.trainer.rollout_placement == "hybrid"
     params, trainable = _stage_params(cfg, c, stage)
     grads = trainable * 4
@@ -337,7 +386,7 @@ def _actor_gpu_phases(cfg: Config, d: ModelDims, c: ParamCounts, stage: int, eng
                 "engine activations (reserve)": engine_reserve} if hybrid else {})
     rollout |= {"actor state (not offloaded)": 0 if offload else sum(state.values()),
                 "reference model (resident)": ref_resident}
-    train = {**state, **_train_activations(cfg, d, stage, image_fraction), "reference model": ref,
+    train = {**state, **_train_activations(cfg, d, stage, image_fraction, recompute), "reference model": ref,
              "engine weights + KV (no sleep mode)": engine_weights + engine_kv if engine_resident else 0}
     sync = {"actor params": state["actor params"], "actor grads + optimizer (not offloaded)": 0 if offload
             else grads + optimizer, "engine weights": engine_weights if hybrid else 0,
@@ -360,7 +409,8 @@ _ADVICE = (  # (component whose presence a setting removes, the setting)
 def _memory_problem(m: PhaseMemory, cfg: Config) -> str:
     advice = list(dict.fromkeys(setting for part, setting in _ADVICE if m.components.get(part)))
     if m.phase == "train":
-        advice += [] if cfg.actor.recompute_activations else ["actor.recompute_activations=true"]
+        advice += {"none": ["actor.recompute_activations=true"], "full": [],
+                   "selective": ["actor.recompute_granularity=full"]}[recompute_mode(cfg)]
         budget = cfg.actor.packing.max_tokens_per_microbatch
         advice.append(f"a smaller actor.packing.max_tokens_per_microbatch (now {budget}; it must hold "
                       f"rollout.max_total_tokens={cfg.rollout.max_total_tokens})")
@@ -373,10 +423,12 @@ def _memory_problem(m: PhaseMemory, cfg: Config) -> str:
             f"{cfg.cluster.gpu_memory_gb:g}: {parts} (GiB); could help: " + "; ".join(advice))
 
 
-def build_launch_plan(cfg: Config, hf_config: dict[str, Any], image_token_fraction: float | None = None) -> LaunchPlan:
+def build_launch_plan(cfg: Config, hf_config: dict[str, Any], image_token_fraction: float | None = None,
+                      recompute: str | None = None) -> LaunchPlan:
     """Placement, parameter counts, per-phase memory and KV cache of `cfg` on `cfg.cluster`. Reasons the launch
     would fail are collected in `plan.problems` (check_launch_plan raises them). image_token_fraction: the share
     of a micro-batch's tokens that are image tokens (default: the config's upper bound, image_token_bound).
+    recompute: "none", "selective" or "full" for the train phase's activations (default: the config's).
     Engine: all parameters in rollout.dtype / R per GPU; vLLM claims gpu_memory_utilization x GPU memory for
     weights + activations + KV, so KV = that - weights - ENGINE_ACTIVATION_RESERVE_BYTES; KV bytes per token per
     GPU = 2 * layers * kv_heads * head_dim * dtype bytes / min(R, kv_heads)."""
@@ -418,7 +470,7 @@ def build_launch_plan(cfg: Config, hf_config: dict[str, Any], image_token_fracti
     engine_weights, engine_kv, engine_reserve = n * engine_weights, n * engine_kv, n * ENGINE_ACTIVATION_RESERVE_BYTES
     fraction = image_token_bound(cfg, d) if image_token_fraction is None else image_token_fraction
     source = "the bound from data.max_pixels and rollout.max_images" if image_token_fraction is None else "given"
-    per_stage = [_actor_gpu_phases(cfg, d, c, s, engine_weights, engine_kv, engine_reserve, fraction)
+    per_stage = [_actor_gpu_phases(cfg, d, c, s, engine_weights, engine_kv, engine_reserve, fraction, recompute)
                  for s in sorted({0, p.pp - 1})]
     phases = [max(candidates, key=lambda m: m.total) for candidates in zip(*per_stage)]
     if not hybrid:
@@ -438,8 +490,9 @@ def build_launch_plan(cfg: Config, hf_config: dict[str, Any], image_token_fracti
         placement=cfg.trainer.rollout_placement, rollout_tp=R, ranks=ranks, engines=engines, gpus_needed=gpus_needed,
         nodes_needed=nodes_needed, gpus_available=cl.num_gpus, gpu_memory_bytes=gpu_bytes, bundles=bundles, params=c,
         phases=phases, kv_bytes_per_token_per_gpu=kv_per_token, kv_cache_tokens_per_engine=kv_tokens,
-        max_length_sequences_per_engine=kv_tokens // r.max_total_tokens, problems=problems,
-        notes=[f"vision activations assume image tokens are {fraction:.0%} of a micro-batch ({source})",
+        max_length_sequences_per_engine=kv_tokens // r.max_total_tokens, problems=problems, stage_phases=per_stage,
+        notes=[f"activation recompute: {_recompute_label(cfg, recompute)}",
+               f"vision activations assume image tokens are {fraction:.0%} of a micro-batch ({source})",
                f"constants: CUDA context + NCCL {CUDA_OVERHEAD_BYTES / GiB:g} GiB per GPU, vLLM activation reserve "
                f"{ENGINE_ACTIVATION_RESERVE_BYTES / GiB:g} GiB per engine GPU"])
 

@@ -81,6 +81,7 @@ QWEN2_5_VL_32B_INSTRUCT["vision_config"]["out_hidden_size"] = 5120
 # What the shipped configs need on top to fit 80 GiB under this model (see test_*_config_as_written_*).
 FIT_7B = ["rollout.enable_sleep_mode=true", "actor.recompute_activations=true"]
 FIT_32B = ["rollout.enable_sleep_mode=true"]
+PP2_32B = ["parallel.pp=2", "parallel.dp=1"]  # the 32B config's earlier layout: TP8 x PP2 on the 16 GPUs
 
 
 def plan_for(path, hf, overrides=(), **kwargs):
@@ -157,11 +158,10 @@ def test_32b_config_without_sleep_mode_does_not_fit():
 
 
 def test_rank_coordinates_follow_megatrons_default_order():
-    plan = plan_for(CONFIG_32B, QWEN2_5_VL_32B_INSTRUCT, FIT_32B)
+    plan = plan_for(CONFIG_32B, QWEN2_5_VL_32B_INSTRUCT, FIT_32B + PP2_32B)
     rank = plan.ranks[13]  # TP innermost, then CP, DP, PP
     assert (rank.tp, rank.cp, rank.dp, rank.pp, rank.node, rank.local_gpu, rank.engine) == (5, 0, 0, 1, 1, 5, 3)
-    cfg = load_config(CONFIG_7B, FIT_7B + ["parallel.dp=2"])
-    cfg.parallel.cp = 2  # the config refuses CP until it is implemented; the plan already places it
+    cfg = load_config(CONFIG_7B, FIT_7B + ["parallel.dp=2", "parallel.cp=2"])
     plan = build_launch_plan(cfg, QWEN2_5_VL_7B_INSTRUCT)
     assert [(r.tp, r.cp, r.dp) for r in plan.ranks[:5]] == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1)]
 
@@ -190,7 +190,7 @@ def test_a_tp_group_across_nodes_is_refused():
 
 def test_too_few_gpus_is_refused_with_the_arithmetic():
     message = rejection(CONFIG_32B, QWEN2_5_VL_32B_INSTRUCT, FIT_32B + ["cluster.num_nodes=1"])
-    assert ("the run needs 16 GPUs on 2 node(s) (parallel: tp 8 x pp 2 x cp 1 x dp 1 = 16 actor ranks, hybrid "
+    assert ("the run needs 16 GPUs on 2 node(s) (parallel: tp 8 x pp 1 x cp 1 x dp 2 = 16 actor ranks, hybrid "
             "placement: engines share their GPUs) but the cluster gives cluster.num_nodes=1 x "
             "cluster.gpus_per_node=8 = 8") in message
     message = rejection(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, FIT_7B + ["cluster.gpus_per_node=4"])
@@ -255,8 +255,25 @@ def test_recompute_and_frozen_parts_shrink_the_train_phase():
     assert recompute["actor grads (fp32)"] - frozen.phase("train").components["actor grads (fp32)"] == vision * 4
 
 
+def test_selective_recompute_comes_from_the_config():
+    """actor.recompute_granularity=selective with the default modules (core_attn, mlp): each decoder layer keeps
+    6h + 2*kv_heads*head_dim elements a token (the log-sum-exp and the MLP's 3f are recomputed); the vision
+    tower's blocks rerun whole, as under full recompute."""
+    full = plan_for(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, FIT_7B)
+    selective = plan_for(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, FIT_7B + ["actor.recompute_granularity=selective"])
+    train = selective.phase("train").components
+    # TP2, one stage, 28 layers, 32768-token micro-batches, bf16: 28 * 32768 * 2 B * (6*3584 + 2*4*128) / 2
+    assert train["activations (decoder)"] == 28 * 32768 * 2 * (6 * 3584 + 2 * 4 * 128) // 2 == 20669530112
+    assert train["activations (vision tower)"] == full.phase("train").components["activations (vision tower)"]
+    assert "note: activation recompute: selective (core_attn, mlp)" in format_launch_plan(selective)
+    assert "note: activation recompute: full" in format_launch_plan(full)
+    message = rejection(CONFIG_7B, QWEN2_5_VL_7B_INSTRUCT, ["actor.recompute_activations=true",
+                                                             "actor.recompute_granularity=selective"])
+    assert "phase 'train'" in message and "actor.recompute_granularity=full" in message
+
+
 def test_pipeline_stages_split_the_model():
-    plan = plan_for(CONFIG_32B, QWEN2_5_VL_32B_INSTRUCT, FIT_32B)
+    plan = plan_for(CONFIG_32B, QWEN2_5_VL_32B_INSTRUCT, FIT_32B + PP2_32B)
     train = plan.phase("train")
     assert train.where == "actor GPU, pipeline stage 0"  # the vision tower outweighs the last stage's logits
     counts = count_parameters(read_model_dims(QWEN2_5_VL_32B_INSTRUCT))
