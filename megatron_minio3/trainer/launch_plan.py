@@ -25,7 +25,9 @@ GiB = 2**30
 CUDA_OVERHEAD_BYTES = 2 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers: once per GPU process
 ENGINE_ACTIVATION_RESERVE_BYTES = 4 * GiB  # vLLM's profiled forward peak (vision encoder included) + CUDA graphs
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-RECOMPUTE_MODES = ("none", "selective", "full")  # activation recompute of the decoder (megatron's granularity)
+RECOMPUTE_MODES = ("none", "selective", "full")
+LOGPROB_VOCAB_CHUNK = 4096  # = parallel.vocab_parallel.DEFAULT_VOCAB_CHUNK_SIZE (not imported: this module is torch-free)
+LOGITS_COMPONENT = "logits + grad + log-prob chunks"  # activation recompute of the decoder (megatron's granularity)
 RANK_ORDER = "tp-cp-dp-pp"  # innermost first: megatron's default order without expert parallelism
 
 
@@ -310,7 +312,9 @@ def _train_activations(cfg: Config, d: ModelDims, stage: int, image_fraction: fl
     elements per patch and block, 4 patches per image token, image_fraction of the tokens; under "full" and
     "selective" alike (the model passes recompute_activations to the tower, whose blocks rerun whole under either
     granularity) each block keeps its input plus one block's full set; a frozen tower holds one block at a time.
-    Last stage: fp32 logits and log-softmax, s * vocab/tp * 4 bytes * 2."""
+    Last stage: the logits (actor dtype) that the log-prob function keeps for its backward, their gradient, and its
+    two float32 [s, chunk] buffers (parallel/vocab_parallel.py: the vocabulary is processed in chunks of
+    LOGPROB_VOCAB_CHUNK columns): 2 * s * vocab/tp * dt + 8 * s * min(chunk, vocab/tp)."""
     p, dt = cfg.parallel, DTYPE_BYTES[cfg.actor.dtype]
     mode = recompute_mode(cfg) if recompute is None else recompute
     if mode not in RECOMPUTE_MODES:
@@ -345,7 +349,8 @@ def _train_activations(cfg: Config, d: ModelDims, stage: int, image_fraction: fl
             vision = in_flight * d.vision_depth * per_block
         out["activations (vision tower)"] = int(vision)
     if stage == p.pp - 1:
-        out["logits + log-softmax (fp32)"] = int(s * math.ceil(d.vocab_size / p.tp) * 4 * 2)
+        vocab_slice = math.ceil(d.vocab_size / p.tp)
+        out[LOGITS_COMPONENT] = int(2 * s * vocab_slice * dt + 8 * s * min(LOGPROB_VOCAB_CHUNK, vocab_slice))
     return out
 
 

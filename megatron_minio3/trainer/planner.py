@@ -42,6 +42,7 @@ from megatron_minio3.config.schema import (
     ParallelConfig,
 )
 from megatron_minio3.trainer.launch_plan import (
+    LOGITS_COMPONENT,
     GiB,
     RECOMPUTE_MODES,
     ModelDims,

@@ -11,6 +11,7 @@ import pytest
 
 from megatron_minio3.config import load_config
 from megatron_minio3.trainer.launch_plan import (
+    LOGITS_COMPONENT,
     GiB,
     build_launch_plan,
     check_launch_plan,
@@ -111,8 +112,9 @@ def test_state_memory_by_hand():
 # softmax log-sum-exp 4 * 4 heads = 16 -> 1680. Selective recompute frees, per module: core_attn the log-sum-exp
 # (16); mlp fc1's output and fc2's input, 2 * 3*128 = 768; layernorm the two norm outputs, 2 * 2*64 = 256.
 # Vision: patches per micro-batch 4 * 0.25 * 4096 = 4096; per block 4096 * 2 * (8*32 + 3*64) = 3670016; blocks
-# rerun whole under either granularity, keeping their input: 4096 * 2 * 32 each. Logits: 4096 * 128 * 4 B * 2.
-PER_TOKEN_LAYER, VISION_BLOCK, LOGITS = 1680, 3670016, 4096 * 128 * 8
+# rerun whole under either granularity, keeping their input: 4096 * 2 * 32 each. Logits: the bf16 logits and
+# their gradient, 2 * 4096 * 128 * 2 B, plus the log-prob function's two fp32 chunks of min(4096, 128) columns.
+PER_TOKEN_LAYER, VISION_BLOCK, LOGITS = 1680, 3670016, 2 * 4096 * 128 * 2 + 8 * 4096 * 128
 VISION_RECOMPUTED = 2 * SEQ * 2 * 32 + VISION_BLOCK  # block inputs (4096 patches x hv x 2 blocks) + one block's set
 
 
@@ -124,7 +126,7 @@ VISION_RECOMPUTED = 2 * SEQ * 2 * 32 + VISION_BLOCK  # block inputs (4096 patche
 def test_activations_per_recompute_mode_by_hand(mode, decoder, vision):
     c = estimate(tiny_plan(), "tp1 pp1 cp1 dp2").train_components[mode]
     assert (c["activations (decoder)"], c["activations (vision tower)"]) == (decoder, vision)
-    assert c["logits + log-softmax (fp32)"] == LOGITS
+    assert c[LOGITS_COMPONENT] == LOGITS
 
 
 @pytest.mark.parametrize("modules, per_token_layer", [
@@ -146,12 +148,12 @@ def test_activations_at_tp2_and_pp2_by_hand():
     c = estimate(plan, "tp2 pp1 cp1 dp1").train_components["none"]
     # sequence-parallel TP halves the decoder's activations and the logits' vocab slice, not the vision tower's
     assert c["activations (decoder)"] == 2 * SEQ * (2 * (6 * 64 + 2 * 2 * 16 + 3 * 128) / 2 + 4 * 4 / 2)
-    assert (c["activations (vision tower)"], c["logits + log-softmax (fp32)"]) == (2 * VISION_BLOCK, LOGITS // 2)
+    assert (c["activations (vision tower)"], c[LOGITS_COMPONENT]) == (2 * VISION_BLOCK, LOGITS // 2)
     # 1F1B: stage 0 of 2 keeps 2 micro-batches in flight (of its 1 layer and the vision tower), stage 1 one
     c = estimate(plan, "tp1 pp2 cp1 dp1").train_components["none"]
     assert c["activations (decoder)"] == 2 * 1 * SEQ * PER_TOKEN_LAYER  # stage 0's, the larger
     assert c["activations (vision tower)"] == 2 * 2 * VISION_BLOCK
-    assert c["logits + log-softmax (fp32)"] == LOGITS  # on stage 1
+    assert c[LOGITS_COMPONENT] == LOGITS  # on stage 1
     train = next(m for m in plan.estimates[2].phases["none"] if m.phase == "train")
     assert train.where == "actor GPU, pipeline stage 0"
     assert train.total == (2 * (LAYER + EMBED + TOWER + MERGER) * (2 + 4 + 12) // 2 + 2 * SEQ * PER_TOKEN_LAYER
@@ -170,7 +172,7 @@ def test_context_parallel_halves_the_activations_and_keeps_the_gathered_keys(mod
     cp1 = estimate(plan, "tp1 pp1 cp1 dp2").train_components[mode]
     cp2 = estimate(plan, "tp1 pp1 cp2 dp1").train_components[mode]
     assert cp2["activations (decoder)"] == decoder
-    for part in ("activations (vision tower)", "logits + log-softmax (fp32)"):
+    for part in ("activations (vision tower)", LOGITS_COMPONENT):
         assert cp2[part] * 2 == cp1[part]
     assert cp2["actor optimizer (dp*cp shard)"] == cp1["actor optimizer (dp*cp shard)"]  # sharded over dp*cp = 2
     cp_row, plain = estimate(plan, "tp1 pp1 cp2 dp1"), estimate(plan, "tp1 pp1 cp1 dp2")
