@@ -182,8 +182,9 @@ LAYOUTS = {  # hybrid placement: one vLLM engine in every actor rank (rollout.te
     "dp2": {"parallel.dp": 2},
     "pp2": {"parallel.pp": 2},
     "tp2-engine-tp2": {"parallel.tp": 2, "rollout.tensor_parallel_size": 2},  # ... or one engine over both ranks
+    "cp2": {"parallel.cp": 2},  # context parallel: every sequence split over the two ranks
 }
-ENGINES = {"single": 1, "tp2": 2, "dp2": 2, "pp2": 2, "tp2-engine-tp2": 1}
+ENGINES = {"single": 1, "tp2": 2, "dp2": 2, "pp2": 2, "tp2-engine-tp2": 1, "cp2": 2}
 
 
 def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, resume_layout: str) -> None:
@@ -312,7 +313,8 @@ def test_hybrid_dp2_two_steps_then_resume_on_one_rank(ray_cluster, tiny_hf_dir, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, resume_layout", [("tp2", "pp2"), ("pp2", "tp2-engine-tp2"), ("tp2-engine-tp2", "dp2")])
+@pytest.mark.parametrize("layout, resume_layout", [("tp2", "pp2"), ("pp2", "tp2-engine-tp2"), ("tp2-engine-tp2", "dp2"),
+                                                   ("cp2", "single")])
 def test_hybrid_layouts_two_steps_then_resume(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys, layout,
                                               resume_layout):
     """The other actor layouts, each rank with its engine, and one engine spanning two ranks (vLLM TP2)."""
