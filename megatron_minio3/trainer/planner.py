@@ -486,7 +486,7 @@ def format_plan(plan: ParallelismPlan) -> str:
         lines.append(
             f"{str(e.layout):<18}{_gib(full['actor params']):>7}{_gib(full['actor grads (fp32)']):>7}"
             f"{_gib(full['actor optimizer (dp*cp shard)']):>7}  {acts:<19}"
-            f"{_gib(full.get('logits + log-softmax (fp32)', 0)):>7}"
+            f"{_gib(full[LOGITS_COMPONENT]):>7}"
             + (f"{_gib(rollout.get('engine weights', 0)):>7}{_gib(rollout.get('engine KV cache', 0)):>7}"
                if engine else "")
             + f"  {train:<19}{_gib(e.phase_total('full', 'rollout')):>8}{_gib(e.phase_total('full', 'sync')):>7}"
