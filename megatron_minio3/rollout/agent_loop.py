@@ -23,7 +23,7 @@ import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from PIL import Image
 
@@ -553,15 +553,20 @@ class AgentLoop:
         return [state.to_trajectory() for state in states]
 
     async def run(self, prompts: Sequence[Prompt], num_samples: int, *, turn_synchronous: bool = False,
-                  seeds: Sequence[int] | None = None, progress_label: str | None = None) -> RolloutBatch:
+                  seeds: Sequence[int] | None = None, progress_label: str | None = None,
+                  on_group: Callable[[int, list[Trajectory]], None] | None = None) -> RolloutBatch:
         """Roll out `num_samples` trajectories per prompt; results are grouped by prompt, in prompt order.
         `seeds`: one base seed per prompt (rollout/seeds.py), so that every request samples from a stream of its
         own (reproducible whatever else the engine runs); without them the engine's own stream is used.
-        `progress_label`: show the finished trajectories under this name (megatron_minio3.progress)."""
+        `progress_label`: show the finished trajectories under this name (megatron_minio3.progress).
+        `on_group(prompt_index, trajectories)`: called on the event loop as soon as a prompt's group is complete
+        (not for a skipped prompt), while the other groups still generate; the caller can start scoring it."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if turn_synchronous and on_group is not None:
+            raise ValueError("on_group needs the asynchronous loop: turn-synchronous groups all finish together")
         per_prompt = list(seeds) if seeds is not None else [None] * len(prompts)
         started = time.perf_counter()
         skipped: list[SkippedPrompt] = []
@@ -571,8 +576,14 @@ class AgentLoop:
         if turn_synchronous:
             trajectories = await self._run_lock_step(prompts, num_samples, skipped, finished, per_prompt, progress)
         else:
-            groups = await asyncio.gather(*(self._run_prompt(p, num_samples, skipped, finished, seed, progress)
-                                            for p, seed in zip(prompts, per_prompt)))
+            async def prompt_group(index: int, prompt: Prompt, seed: int | None) -> list[Trajectory]:
+                group = await self._run_prompt(prompt, num_samples, skipped, finished, seed, progress)
+                if on_group is not None and group:
+                    on_group(index, group)
+                return group
+
+            groups = await asyncio.gather(*(prompt_group(i, p, seed)
+                                            for i, (p, seed) in enumerate(zip(prompts, per_prompt))))
             trajectories = [traj for group in groups for traj in group]
         if progress is not None:
             progress.close()

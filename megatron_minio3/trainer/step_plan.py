@@ -65,7 +65,7 @@ class RoundSummary:
     groups: list[GroupSummary]
     skipped_reasons: list[str]  # one per prompt skipped (bad image, prompt too long, ...)
     wall_s: float  # the rollouts
-    reward_s: float = 0.0  # scoring them (after the rollouts)
+    reward_s: float = 0.0  # waiting for rewards after the last trajectory (groups are scored as they complete)
     tail_s: float = 0.0  # the last trajectory's finish minus the median finish (agent_loop.tail_seconds)
     engine_stats: list = field(default_factory=list)  # one rollout.engine.EngineStats per engine of the handle
 

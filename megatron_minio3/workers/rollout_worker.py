@@ -119,17 +119,37 @@ class RolloutRuntime:
             self._round += 1
         stage = cfg.trainer.stage_at(step, cfg.rollout.n, cfg.rollout.max_tokens_per_turn)
         self.loop.limits = dataclasses.replace(self._training_limits, max_tokens_per_turn=stage.max_tokens_per_turn)
+
+        async def generate_and_score():
+            """Each group is scored as soon as it is complete, while the others generate (an LLM judge's calls
+            overlap generation); returns the batch, the results in trajectory order and the seconds spent waiting
+            for rewards after the last trajectory (the part of scoring that is still on the critical path)."""
+            scoring: list[tuple[list, asyncio.Task]] = []  # (a group's trajectories, their scoring)
+
+            def score_group(index, group):
+                scoring.append((group, asyncio.create_task(self.reward.score(
+                    [to_reward_input(traj) for traj in group], validation=False, step=step - 1,
+                    total_steps=cfg.trainer.total_steps))))
+
+            try:
+                batch = await self.loop.run(prompts, stage.n, seeds=seeds, on_group=score_group,
+                                            progress_label=f"step {step} generation round {self._round + 1}")
+                generated = time.perf_counter()
+                scored = await asyncio.gather(*(task for _, task in scoring))
+                result_of = {id(traj): result for (group, _), results in zip(scoring, scored)
+                             for traj, result in zip(group, results, strict=True)}
+                results = [result_of[id(traj)] for traj in batch.trajectories]  # groups finish in any order
+                return batch, results, time.perf_counter() - generated
+            finally:
+                for _, task in scoring:
+                    task.cancel()
+                await self.reward.aclose()
+
         with self._phase():
             for engine in self.engines:
                 engine.stats(reset=True)
-            batch = asyncio.run(self.loop.run(prompts, stage.n, seeds=seeds,
-                                              progress_label=f"step {step} generation round {self._round + 1}"))
+            batch, results, reward_wait_s = asyncio.run(generate_and_score())
             engine_stats = [engine.stats(reset=True) for engine in self.engines]
-        started = time.perf_counter()
-        results = self.reward.score_sync(
-            [to_reward_input(traj) for traj in batch.trajectories], validation=False, step=step - 1,
-            total_steps=cfg.trainer.total_steps,
-        )
         drop = self.reward.drop_mask(results, validation=False)
         groups = group_by_prompt(batch.trajectories, results)
         summaries = []
@@ -147,7 +167,7 @@ class RolloutRuntime:
         every = cfg.trainer.dump_rollouts_every
         if every and step % every == 0 and batch.trajectories:
             self._dump(step, groups, [s.keep for s in summaries])
-        return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s, time.perf_counter() - started,
+        return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s, reward_wait_s,
                             tail_s=batch.tail_s, engine_stats=engine_stats)
 
     def _dump(self, step: int, groups: Sequence[SampleGroup], kept: Sequence[bool]) -> None:

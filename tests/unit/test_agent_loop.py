@@ -415,3 +415,25 @@ def test_tool_calls_run_off_the_event_loop(tokenizer, vision, image_file, monkey
     batch = run(make_loop(tokenizer, vision, [engine]), [prompt_for(image_file)], n=2)
     assert len(threads) == 4 and all(name.startswith("agent-tool") for name in threads), threads
     assert [t.num_turns for t in batch.trajectories] == [3, 3]
+
+
+def test_a_complete_group_is_handed_over_while_others_still_generate(tokenizer, vision, image_file):
+    """on_group: the fast prompt's group (2 samples) reaches the caller before the slow prompt's first turn is done,
+    the slow one's after; skipped prompts get no call; turn-synchronous runs refuse the hook."""
+    def script(request, turn):
+        return ANSWER, "stop"
+
+    def delay(request, turn):
+        return 1.0 if request.request_id.startswith("ds/slow") else 0.01
+
+    prompts = [prompt_for(image_file, uid="ds/slow"), prompt_for(image_file, uid="ds/fast")]
+    engine = ScriptedEngine(tokenizer, script, delay)
+    handed: list[tuple[int, list[str], float]] = []
+    batch = run(make_loop(tokenizer, vision, [engine]), prompts, n=2,
+                on_group=lambda index, group: handed.append((index, [t.uid for t in group], time.perf_counter())))
+    done = {rid.split("#")[0]: at for kind, rid, at in engine.events if kind == "done"}
+    assert [(index, uids) for index, uids, _ in handed] == [(1, ["ds/fast", "ds/fast"]), (0, ["ds/slow", "ds/slow"])]
+    assert handed[0][2] < done["ds/slow"] <= handed[1][2]
+    assert [t.uid for t in batch.trajectories] == ["ds/slow", "ds/slow", "ds/fast", "ds/fast"]  # prompt order
+    with pytest.raises(ValueError, match="on_group needs the asynchronous loop"):
+        run(make_loop(tokenizer, vision, [engine]), prompts, turn_synchronous=True, on_group=lambda i, g: None)
