@@ -2,8 +2,10 @@
 
     torchrun --nproc_per_node $((TP*PP)) tools/convert_hf_to_megatron.py --hf-dir D --out-dir M --tp TP --pp PP
 
-Each rank builds only its own shard of the model and reads only the slices of the HF tensors it needs, so
-a process needs about (model size / (TP*PP)) of memory. TP=PP=1 runs as a plain `python` command.
+Each rank builds only its own shard of the model (its parameters are never filled) and writes it parameter by
+parameter, reading only the slices of the HF tensors it needs just before each is written, so a process holds
+about one parameter (at most 512 MiB of computed values at once, or the largest parameter) above the
+interpreter's start-up memory, not its share of the model. TP=PP=1 runs as a plain `python` command.
 """
 from __future__ import annotations
 

@@ -19,7 +19,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_minio3.convert.lazy_parameters import LazyParameters
 from megatron_minio3.convert.qwen2_5_vl import canonical_megatron_name
+from megatron_minio3.convert.streaming_save import StreamingTorchDistSaveStrategy
 from megatron_minio3.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 
 METADATA_KEY = "minio3"
@@ -110,9 +112,17 @@ def read_checkpoint_metadata(checkpoint_dir: str | os.PathLike) -> CheckpointMet
 
 
 def save_megatron_checkpoint(
-    model: torch.nn.Module, out_dir: str | os.PathLike, metadata: CheckpointMetadata, overwrite: bool = False
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    metadata: CheckpointMetadata,
+    overwrite: bool = False,
+    lazy: LazyParameters | None = None,
 ) -> None:
-    """Collective over all ranks: writes to a temporary sibling directory, renamed when every rank is done."""
+    """Collective over all ranks: writes to a temporary sibling directory, renamed when every rank is done.
+
+    lazy: parameters whose values are computed only when written (convert/streaming_save.py); the files are
+    the ones megatron's own writer produces, written one parameter at a time.
+    """
     out_dir = Path(out_dir)
     rank = dist.get_rank()
     tmp_holder: list[str | None] = [None]
@@ -131,7 +141,12 @@ def save_megatron_checkpoint(
     try:
         state = model.sharded_state_dict()
         state[METADATA_KEY] = metadata.to_dict()
-        dist_checkpointing.save(state, tmp_dir)
+        strategy = None
+        if lazy is not None:
+            strategy = StreamingTorchDistSaveStrategy(
+                lazy, progress_description=f"writing {out_dir}" if rank == 0 else None
+            )
+        dist_checkpointing.save(state, tmp_dir, sharded_strategy=strategy)
         dist.barrier()
     except BaseException:
         if rank == 0:

@@ -12,12 +12,11 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,38 +28,106 @@ _DTYPES = {
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
+@dataclass(frozen=True)
+class _StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file_name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the first element in the file
+    num_bytes: int
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, _StoredTensor]:
+    """Tensor locations of one safetensors file, in file order; ValueError naming the file (and tensor) when
+    the header is malformed or a tensor's byte range does not match its shape and dtype or lies outside the file.
+
+    Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [a, b]}},
+    then the data; tensor bytes are [8 + N + a, 8 + N + b).
+    """
+    path = Path(path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > file_size - 8:
+            raise ValueError(f"{path}: header length {header_len} exceeds the file size {file_size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a JSON object")
+    data_start = 8 + header_len
+    entries: dict[str, _StoredTensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            first, last = (int(x) for x in info["data_offsets"])
+        except KeyError as e:
+            raise ValueError(f"{path}: tensor '{name}' has an unsupported dtype or lacks {e}") from None
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: tensor '{name}' has a malformed header entry {info}") from None
+        expected = math.prod(shape) * dtype.itemsize
+        if last - first != expected or first < 0 or data_start + last > file_size:
+            raise ValueError(
+                f"{path}: tensor '{name}' ({info['dtype']} {list(shape)}, {expected} bytes) has data_offsets "
+                f"[{first}, {last}] that do not fit it or the file ({file_size - data_start} data bytes)"
+            )
+        entries[name] = _StoredTensor(path.name, dtype, shape, data_start + first, expected)
+    return entries
+
+
 class SafetensorsReader:
-    """All tensors of a HF checkpoint directory (single file or sharded with an index), read on demand."""
+    """All tensors of a HF checkpoint directory (single file or sharded with an index), read on demand.
+
+    Tensors are read with positioned reads (``os.preadv``) into fresh tensors, never memory-mapped: a process
+    holds only what it keeps (no file-backed pages of the checkpoint accumulate in its resident memory), and a
+    slice along dimension d of a tensor of shape S reads prod(S[:d]) byte runs of (stop - start) * prod(S[d+1:])
+    elements each, so only the requested bytes are read.
+    """
 
     def __init__(self, hf_dir: str | os.PathLike) -> None:
         self.hf_dir = Path(hf_dir)
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
         index_path = self.hf_dir / INDEX_NAME
         if index_path.is_file():
             with open(index_path) as f:
                 self.weight_map: dict[str, str] = json.load(f)["weight_map"]
         elif (self.hf_dir / SINGLE_NAME).is_file():
-            self.weight_map = {name: SINGLE_NAME for name in self._handle(SINGLE_NAME).keys()}
+            self.weight_map = {name: SINGLE_NAME for name in sorted(self._header(SINGLE_NAME))}
         else:
             raise ValueError(f"{self.hf_dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
+        self._entries: dict[str, _StoredTensor] = {}
+        headers: dict[str, dict[str, _StoredTensor]] = {}
         for name, file_name in self.weight_map.items():
-            tensor_slice = self._handle(file_name).get_slice(name)
-            self._shapes[name] = tuple(tensor_slice.get_shape())
-            self._dtypes[name] = _DTYPES[tensor_slice.get_dtype()]
+            if file_name not in headers:
+                headers[file_name] = self._header(file_name)
+            if name not in headers[file_name]:
+                raise ValueError(f"{self.hf_dir / file_name}: has no tensor '{name}' (listed there in {INDEX_NAME})")
+            self._entries[name] = headers[file_name][name]
 
-    def _handle(self, file_name: str):
-        if file_name not in self._handles:
-            path = self.hf_dir / file_name
-            if not path.is_file():
-                raise ValueError(f"{path}: listed in {INDEX_NAME} but missing")
-            self._handles[file_name] = self._stack.enter_context(safe_open(str(path), framework="pt"))
-        return self._handles[file_name]
+    def _header(self, file_name: str) -> dict[str, _StoredTensor]:
+        path = self.hf_dir / file_name
+        if not path.is_file():
+            raise ValueError(f"{path}: listed in {INDEX_NAME} but missing")
+        return read_safetensors_header(path)
+
+    def _fd(self, file_name: str) -> int:
+        if file_name not in self._fds:
+            self._fds[file_name] = os.open(self.hf_dir / file_name, os.O_RDONLY)
+        return self._fds[file_name]
 
     def close(self) -> None:
-        self._stack.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -72,22 +139,65 @@ class SafetensorsReader:
         return list(self.weight_map)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
+        return {name: entry.shape for name, entry in self._entries.items()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._dtypes[name]
+        return self._entry(name).dtype
+
+    def _entry(self, name: str) -> _StoredTensor:
+        if name not in self._entries:
+            raise ValueError(f"{self.hf_dir}: no tensor '{name}'")
+        return self._entries[name]
 
     def read(self, name: str) -> torch.Tensor:
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        entry = self._entry(name)
+        data = self._read_runs(name, entry.begin, entry.num_bytes, num_runs=1, stride=entry.num_bytes)
+        return data.view(entry.dtype).reshape(entry.shape)
 
     def read_chunk(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         """Rows/columns [start, stop) of ``name`` along ``dim`` (the whole tensor when dim is None);
         only those bytes are read from disk."""
         if dim is None:
             return self.read(name)
-        tensor_slice = self._handle(self.weight_map[name]).get_slice(name)
-        index = tuple(slice(None) for _ in range(dim)) + (slice(start, stop),)
-        return tensor_slice[index]
+        entry = self._entry(name)
+        shape = entry.shape
+        if not 0 <= dim < len(shape) or not 0 <= start <= stop <= shape[dim]:
+            raise ValueError(f"tensor '{name}' of shape {list(shape)}: cannot read [{start}, {stop}) of dim {dim}")
+        inner_bytes = math.prod(shape[dim + 1 :]) * entry.dtype.itemsize
+        data = self._read_runs(
+            name,
+            entry.begin + start * inner_bytes,
+            run_bytes=(stop - start) * inner_bytes,
+            num_runs=math.prod(shape[:dim]),
+            stride=shape[dim] * inner_bytes,
+        )
+        return data.view(entry.dtype).reshape(*shape[:dim], stop - start, *shape[dim + 1 :])
+
+    def _read_runs(self, name: str, first: int, run_bytes: int, num_runs: int, stride: int) -> torch.Tensor:
+        """num_runs runs of run_bytes bytes, the i-th at byte first + i * stride of name's file, as uint8."""
+        entry = self._entries[name]
+        out = torch.empty(num_runs * run_bytes, dtype=torch.uint8)
+        view = memoryview(out.numpy())
+        fd, where = self._fd(entry.file_name), f"{self.hf_dir / entry.file_name}: tensor '{name}'"
+        if num_runs == 1 or run_bytes == stride:  # adjacent runs: one read
+            _pread_exact(fd, view, first, where)
+        else:
+            for i in range(num_runs):
+                _pread_exact(fd, view[i * run_bytes : (i + 1) * run_bytes], first + i * stride, where)
+        return out
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, where: str) -> None:
+    """Fills view from the file at offset (positioned reads, retried until complete)."""
+    done = 0
+    while done < len(view):
+        num_read = os.preadv(fd, [view[done:]], offset + done)
+        if num_read == 0:
+            raise ValueError(f"{where}: file ends before the tensor's data (truncated?)")
+        done += num_read
 
 
 @dataclass(frozen=True)

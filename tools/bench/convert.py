@@ -8,9 +8,16 @@ with an index), then runs the real tools as subprocesses:
     HF -> Megatron at TP=1 (one process) and at TP=2 (torchrun, two processes),
     Megatron (written at TP=2) -> HF with two --bucket-size values,
 checks that the exported tensors equal the original ones, and prints one line per run: throughput
-(checkpoint GB per second) and the peak resident memory of the largest process, as a multiple of the
-checkpoint size; "private" excludes file-backed pages (mmapped safetensors that the kernel can drop).
-Memory is sampled every 20 ms with psutil over the whole process tree.
+(checkpoint GB per second) and the peak resident memory (total RSS, file-backed pages included) of the
+largest process, as a multiple of the checkpoint size and of the largest per-rank output (the bytes one rank
+writes: its __<rank>_*.distcp files, plus .metadata/common.pt/metadata.json for rank 0; for Megatron -> HF,
+one process, everything it writes), both in total and above the import baseline (the RSS of a process that
+only imports python + torch + megatron, a constant that does not grow with the model). "private" excludes
+file-backed pages. Memory is sampled every 20 ms with psutil over the whole process tree.
+
+Acceptance (issue 11): HF -> Megatron peak RSS <= 1.2 x the largest per-rank output at TP=1 and TP=2, in
+total RSS (the strict reading) or, for checkpoints so small that the start-up dominates, above the import
+baseline; the last lines say which holds.
 """
 from __future__ import annotations
 
@@ -108,16 +115,35 @@ def measure(cmd: list[str]) -> RunResult:
     return RunResult(seconds, peaks["rss"], peaks["private"])
 
 
-def report(label: str, result: RunResult, size: int, baseline: RunResult | None = None) -> None:
+ACCEPTED_RATIO = 1.2  # peak RSS / largest per-rank output
+
+
+def largest_rank_output(out_dir: Path) -> int:
+    """Bytes written by the rank that writes the most: a Megatron checkpoint's __<rank>_<i>.distcp files per rank
+    (rank 0 also writes the other files); any other directory (HF export, one process) counts as one rank."""
+    per_rank: dict[int, int] = {}
+    for path in out_dir.iterdir():
+        if not path.is_file():
+            continue
+        parts = path.name.split("_")
+        rank = int(parts[2]) if path.suffix == ".distcp" and path.name.startswith("__") else 0
+        per_rank[rank] = per_rank.get(rank, 0) + path.stat().st_size
+    return max(per_rank.values())
+
+
+def report(label: str, result: RunResult, size: int, baseline: RunResult, out_dir: Path) -> tuple[float, float]:
+    """Prints one line; returns (peak RSS, peak RSS above the import baseline) / the largest per-rank output."""
     gb = 1e9
-    line = (
+    rank_output = largest_rank_output(out_dir)
+    above = (result.peak_rss - baseline.peak_rss) / rank_output
+    print(
         f"{label:<44} {size / gb:.2f} GB in {result.seconds:6.1f} s = {size / gb / result.seconds:.3f} GB/s; "
         f"peak RSS {result.peak_rss / gb:.2f} GB = {result.peak_rss / size:.2f} x checkpoint "
-        f"(private {result.peak_private / size:.2f} x)"
+        f"(private {result.peak_private / size:.2f} x); largest rank output {rank_output / gb:.2f} GB: peak RSS "
+        f"{result.peak_rss / rank_output:.2f} x of it, above import baseline {above:.2f} x",
+        flush=True,
     )
-    if baseline is not None:
-        line += f"; above import baseline {(result.peak_rss - baseline.peak_rss) / size:.2f} x"
-    print(line, flush=True)
+    return result.peak_rss / rank_output, above
 
 
 def tensors_equal(a_dir: Path, b_dir: Path) -> bool:
@@ -153,21 +179,28 @@ def main() -> None:
               f"{baseline.peak_rss / 1e9:.2f} GB (every run below includes this start-up)")
         to_megatron = measure([python, str(TOOLS / "convert_hf_to_megatron.py"), "--hf-dir", str(hf_dir),
                                "--out-dir", str(work / "megatron_tp1")])
-        report("HF -> Megatron, TP=1 (1 process)", to_megatron, size, baseline)
+        ratios = {"TP=1": report("HF -> Megatron, TP=1 (1 process)", to_megatron, size, baseline,
+                                 work / "megatron_tp1")}
         to_megatron_tp2 = measure([python, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                    "--master_port", str(29500 + os.getpid() % 1000),
                                    str(TOOLS / "convert_hf_to_megatron.py"), "--hf-dir", str(hf_dir),
                                    "--out-dir", str(work / "megatron_tp2"), "--tp", "2"])
-        report("HF -> Megatron, TP=2 (2 processes, per process)", to_megatron_tp2, size, baseline)
+        ratios["TP=2"] = report("HF -> Megatron, TP=2 (2 processes, per process)", to_megatron_tp2, size, baseline,
+                                work / "megatron_tp2")
         for bucket in ("1GiB", "256MiB"):
             out = work / f"hf_from_tp2_{bucket}"
             to_hf = measure([python, str(TOOLS / "convert_megatron_to_hf.py"), "--megatron-dir",
                              str(work / "megatron_tp2"), "--out-dir", str(out), "--hf-config-dir", str(hf_dir),
                              "--bucket-size", bucket, "--max-shard-size", "512MiB"])
-            report(f"Megatron (TP=2) -> HF, --bucket-size {bucket}", to_hf, size, baseline)
+            report(f"Megatron (TP=2) -> HF, --bucket-size {bucket}", to_hf, size, baseline, out)
             if not tensors_equal(hf_dir, out):
                 raise SystemExit(f"exported tensors differ from the original ({out})")
         print("round trip HF -> Megatron (TP=2) -> HF: all tensors bit-identical")
+        for layout, (total, above) in ratios.items():
+            verdict = ("ok in total RSS" if total <= ACCEPTED_RATIO else
+                       "ok above the import baseline only" if above <= ACCEPTED_RATIO else "ABOVE THE LIMIT")
+            print(f"acceptance, HF -> Megatron {layout}: peak RSS = {total:.2f} x the largest per-rank output, "
+                  f"{above:.2f} x above the import baseline (limit {ACCEPTED_RATIO} x): {verdict}")
     finally:
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
