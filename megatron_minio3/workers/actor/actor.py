@@ -4,8 +4,8 @@ One `MegatronActor` lives on every rank of the TP x PP x DP layout (a Ray actor 
 torchrun in tests). Data-parallel ranks receive their own share of packed micro-batches
 (`pack_mini_batch(...).micro_batches[dp_rank]`, identical on the TP/PP ranks of that share).
 
-GPU: megatron DDP (gradient reduce-scatter overlapped with the backward) + distributed optimizer (fp32 main params,
-sharded over dp * cp), grad clipping inside the optimizer. CPU (gloo): megatron DDP + the
+GPU: megatron DDP + distributed optimizer (fp32 main params, sharded over dp * cp), grad clipping inside the
+optimizer. CPU (gloo): megatron DDP + the
 plain megatron optimizer, clipped with `parallel.grad.clip_grad_norm_` (megatron's clip and distributed
 optimizer refuse CPU tensors).
 
@@ -137,12 +137,13 @@ class MegatronActor:
         self.algorithm = algorithm
         on_gpu = torch.cuda.is_available()
         self.clip_in_optimizer = on_gpu
-        # GPU: each gradient bucket's reduce-scatter starts as soon as the last micro-batch's backward has filled it
-        # (overlapped with the rest of the backward; finalize_model_grads waits for them). The parameter all-gather
-        # after the optimizer step is not overlapped: right after an update the weights go to the engines, so
-        # there is no next forward to hide it behind, and the export must read whole parameters.
+        # No overlap of the gradient reduce-scatter with the backward: megatron's overlap learns from the first
+        # batch which parameters get a gradient in the last micro-batch and asserts the same set every batch after,
+        # and multimodal micro-batches differ (a text-only micro-batch, or an image-group rank with no image of
+        # its own, gives most vision parameters no gradient). Nor of the parameter all-gather: the weights go to
+        # the engines right after an update, so there is no next forward to hide it behind.
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=on_gpu, overlap_param_gather=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
             use_distributed_optimizer=on_gpu,
         )
         self.model = DistributedDataParallel(model.config, ddp_config, model)
