@@ -10,7 +10,9 @@ How it runs. megatron-core is initialised with context_parallel_size=1 and a dat
 TE-only context-parallel code paths run. This module owns the CP groups (consecutive ranks of a megatron
 data-parallel group: megatron DP rank = dp_rank * cp + cp_rank), and the two places that need the whole sequence:
   * attention: keys and values are all-gathered over the CP group (models.qwen2_5_vl.attention);
-  * the vision tower: each image is encoded on one CP rank and the embeddings are all-gathered (model.embed).
+  * the vision tower: each image is encoded on one rank of the image group (the TP x CP ranks that share the
+    micro-batch) and the features are all-gathered (model.embed); the vision parameters' gradients are then
+    summed over TP (workers/actor/step.py), as DDP sums them over dp * cp.
 Everything else (embeddings, MLPs, norms, log-probs, the loss) is per token and runs on the local tokens only.
 Loss normalisers stay global (counts of the whole mini-batch), so the sum of the local losses over CP ranks is the
 sequence's loss and DDP's sum over dp * cp ranks gives the exact gradient.
@@ -85,11 +87,13 @@ def _supports_reduce_scatter(group: dist.ProcessGroup) -> bool:
 
 class _GatherFromContextRanks(torch.autograd.Function):
     """all-gather of equally shaped tensors along a new leading dim [cp, ...]; backward sums the gradients of every
-    rank's use and keeps this rank's slice (reduce-scatter on NCCL; all-reduce + slice where gloo lacks it)."""
+    rank's use and keeps this rank's slice (reduce-scatter on NCCL; all-reduce + slice where gloo lacks it), divided
+    by `replicas` when that many ranks each hold the same whole gradient (TP ranks using the same tokens)."""
 
     @staticmethod
-    def forward(ctx, local: Tensor, group: dist.ProcessGroup) -> Tensor:
+    def forward(ctx, local: Tensor, group: dist.ProcessGroup, replicas: int = 1) -> Tensor:
         ctx.group = group
+        ctx.replicas = replicas
         size = dist.get_world_size(group)
         out = torch.empty((size, *local.shape), dtype=local.dtype, device=local.device)
         dist.all_gather(list(out.unbind(0)), local.contiguous(), group=group)
@@ -103,25 +107,29 @@ class _GatherFromContextRanks(torch.autograd.Function):
         if _supports_reduce_scatter(group):
             grad = torch.empty_like(grad_out[0])
             dist.reduce_scatter_tensor(grad, grad_out, group=group)
-            return grad, None
-        dist.all_reduce(grad_out, group=group)
-        return grad_out[rank].clone(), None
+        else:
+            dist.all_reduce(grad_out, group=group)
+            grad = grad_out[rank].clone()
+        if ctx.replicas > 1:
+            grad /= ctx.replicas
+        return grad, None, None
 
 
-def gather_from_context_ranks(local: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """[cp, *local.shape]: every CP rank's tensor (same shape on all ranks), differentiable."""
-    return _GatherFromContextRanks.apply(local, group)
+def gather_from_context_ranks(local: Tensor, group: dist.ProcessGroup, replicas: int = 1) -> Tensor:
+    """[ranks, *local.shape]: every rank's tensor (same shape on all ranks), differentiable (see the Function)."""
+    return _GatherFromContextRanks.apply(local, group, replicas)
 
 
-def gather_rows(local_RH: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:
-    """[sum(counts), H]: the rows of every CP rank in rank order; rank i holds counts[i] rows. Differentiable."""
+def gather_rows(local_RH: Tensor, counts: list[int], group: dist.ProcessGroup, replicas: int = 1) -> Tensor:
+    """[sum(counts), H]: the rows of every rank in rank order; rank i holds counts[i] rows. Differentiable;
+    `replicas`: see _GatherFromContextRanks."""
     padded = max(counts)
     rank = dist.get_rank(group)
     if local_RH.shape[0] != counts[rank]:
         raise ValueError(f"rank {rank} holds {local_RH.shape[0]} rows, expected {counts[rank]}")
     if local_RH.shape[0] < padded:
         local_RH = torch.cat([local_RH, local_RH.new_zeros((padded - local_RH.shape[0], *local_RH.shape[1:]))])
-    gathered = gather_from_context_ranks(local_RH, group)
+    gathered = gather_from_context_ranks(local_RH, group, replicas)
     return torch.cat([gathered[i, :n] for i, n in enumerate(counts)])
 
 
@@ -138,44 +146,64 @@ def unshard(local_T: Tensor, shard: ContextShard) -> Tensor:
     return full
 
 
-def assign_images(patches_per_image: list[int], cp_size: int) -> list[int]:
-    """CP rank that encodes each image: greedy by patch count (largest first onto the least loaded rank), so the
-    vision tower runs once per image and the ranks' patch loads differ by at most the largest image."""
-    load = [0] * cp_size
+def assign_images(patches_per_image: list[int], num_ranks: int) -> list[int]:
+    """Rank (of an image group) that encodes each image: greedy by patch count (largest first onto the least loaded
+    rank), so the vision tower runs once per image and the ranks' patch loads differ by at most the largest image."""
+    load = [0] * num_ranks
     owner = [0] * len(patches_per_image)
     for image in sorted(range(len(patches_per_image)), key=lambda i: (-patches_per_image[i], i)):
-        rank = min(range(cp_size), key=lambda r: (load[r], r))
+        rank = min(range(num_ranks), key=lambda r: (load[r], r))
         owner[image] = rank
         load[rank] += patches_per_image[image]
     return owner
 
 
+@dataclass(frozen=True)
+class ImageSharding:
+    """The ranks of a pipeline stage that see the same micro-batches (TP x CP): each image is encoded on one of
+    them and the features are all-gathered, instead of every TP and CP rank running the whole vision tower."""
+
+    group: dist.ProcessGroup
+    rank: int
+    size: int
+    replicas: int = 1  # ranks of the group that use the features for the same tokens (TP): identical gradients
+
+
 _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 _MY_GROUP: dist.ProcessGroup | None = None
+_MY_IMAGES: ImageSharding | None = None
 
 
 def init_context_parallel_groups(cp_size: int) -> dist.ProcessGroup | None:
-    """Create the CP groups (every rank must call this, after megatron's parallel_state with cp folded into DP):
-    consecutive blocks of cp ranks of every megatron data-parallel group. Returns this rank's group (None at cp 1)."""
-    global _MY_GROUP
+    """Create the CP groups and the image groups (every rank must call this, after megatron's parallel_state with
+    cp folded into DP). CP groups: consecutive blocks of cp ranks of every megatron data-parallel group. Image
+    groups: the tp * cp ranks of one pipeline stage and one dp index. Returns this rank's CP group (None at cp 1)."""
+    global _MY_GROUP, _MY_IMAGES
     from megatron.core import parallel_state as mpu
 
-    _GROUPS.clear()
-    _MY_GROUP = None
-    if cp_size == 1:
-        return None
+    forget_context_parallel_groups()
     world = dist.get_world_size()
     me = dist.get_rank()
-    dp_groups = _all_data_parallel_rank_lists(world, mpu)
-    for ranks in dp_groups:
-        if len(ranks) % cp_size:
-            raise ValueError(f"data-parallel group {ranks} does not split into context-parallel groups of {cp_size}")
-        for start in range(0, len(ranks), cp_size):
-            block = tuple(ranks[start:start + cp_size])
-            group = dist.new_group(list(block))
-            _GROUPS[block] = group
-            if me in block:
-                _MY_GROUP = group
+    tp, pp = mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()
+    if cp_size > 1:
+        for ranks in _all_data_parallel_rank_lists(world, mpu):
+            if len(ranks) % cp_size:
+                raise ValueError(f"data-parallel group {ranks} does not split into context-parallel groups of "
+                                 f"{cp_size}")
+            for start in range(0, len(ranks), cp_size):
+                block = tuple(ranks[start:start + cp_size])
+                group = dist.new_group(list(block))
+                _GROUPS[block] = group
+                if me in block:
+                    _MY_GROUP = group
+    if tp * cp_size > 1:
+        folded_dp = world // (tp * pp)  # megatron's DP size: dp * cp
+        for stage in range(pp):
+            for d in range(folded_dp // cp_size):
+                ranks = [stage * tp * folded_dp + (d * cp_size + c) * tp + t for c in range(cp_size) for t in range(tp)]
+                group = dist.new_group(ranks)
+                if me in ranks:
+                    _MY_IMAGES = ImageSharding(group=group, rank=ranks.index(me), size=len(ranks), replicas=tp)
     return _MY_GROUP
 
 
@@ -183,10 +211,16 @@ def context_parallel_group() -> dist.ProcessGroup | None:
     return _MY_GROUP
 
 
+def image_sharding() -> ImageSharding | None:
+    """This rank's image group (None when every image is this rank's alone: tp = cp = 1)."""
+    return _MY_IMAGES
+
+
 def forget_context_parallel_groups() -> None:
-    global _MY_GROUP
+    global _MY_GROUP, _MY_IMAGES
     _GROUPS.clear()
     _MY_GROUP = None
+    _MY_IMAGES = None
 
 
 def _all_data_parallel_rank_lists(world: int, mpu) -> list[list[int]]:

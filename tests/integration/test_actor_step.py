@@ -1,6 +1,7 @@
 """The Megatron actor on packed multimodal trajectories (tiny Qwen2.5-VL, CPU, gloo, fp32).
 
-Default run: TP=2 (packed == one-at-a-time log-probs; first update has ppo_kl 0 and clip fraction 0).
+Default run: TP=2 (packed == one-at-a-time log-probs; first update has ppo_kl 0 and clip fraction 0; each image
+encoded on one TP rank, and the vision tower's gradients summed over TP equal TP=1's).
 Default run too: CP=2 (each sequence split over two ranks, two-image trajectories) gives the log-probs and the
 gradients of CP=1 within 1e-5, and each image goes through the vision tower once.
 Slow: the TP1 / TP2 / PP2 / DP2 layouts agree on log-probs, and the loss and gradients (after the DP
@@ -17,7 +18,7 @@ SCRIPT = REPO_ROOT / "tests/integration/scripts/actor_step.py"
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 LAYOUTS = {  # name: (processes, script arguments)
     "tp1": (1, ["--grads", "--update"]),
-    "tp2": (2, ["--tp", 2, "--update"]),
+    "tp2": (2, ["--tp", 2, "--grads", "--update"]),
     "pp2": (2, ["--pp", 2, "--update"]),
     "dp2": (2, ["--grads", "--update"]),
     "cp2": (2, ["--cp", 2, "--grads", "--update"]),
@@ -63,6 +64,24 @@ def test_tp2_packed_equals_one_at_a_time_and_first_update_is_on_policy(run_layou
             assert rank["packed_vs_single_max_abs_diff"] <= 1e-5
     check_first_update(result["ranks"])
     assert len(result["logprobs"]) == 12
+    check_images_encoded_once(result["ranks"])
+
+
+def check_images_encoded_once(ranks):
+    """Every image of the share through the vision tower once over the TP x CP group, and every rank takes part."""
+    assert ranks[0]["images_in_share"] == 12
+    encoded = [r["images_encoded_by_this_rank"] for r in ranks]
+    assert sum(encoded) == 12 and min(encoded) > 0, encoded
+
+
+def check_vision_grads(reference, other, key, other_key):
+    """The vision tower's gradients (replicated over TP) equal the one-rank run's."""
+    reference_grads = {n: g for n, g in reference["grads"][key].items() if n.startswith("vision_model.")}
+    scale = max(g.abs().max().item() for g in reference_grads.values())
+    assert scale > 0 and set(other["grads"][other_key]) >= set(reference_grads)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(other["grads"][other_key][name], grad, rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m: f"{other_key} {name}: {m}")
 
 
 @pytest.mark.slow
@@ -105,11 +124,7 @@ def test_context_parallel_equals_one_rank_and_encodes_each_image_once(run_layout
     assert sorted(cp2["logprobs"]) == sorted(tp1["logprobs"]) == list(range(12))
     for index, values in tp1["logprobs"].items():
         torch.testing.assert_close(cp2["logprobs"][index], values, rtol=0, atol=1e-5)
-    # the vision tower: every image of the share once, over both ranks, and both ranks take part
-    images = cp2["ranks"][0]["images_in_share"]
-    assert images == 12
-    encoded = [r["images_encoded_by_this_rank"] for r in cp2["ranks"]]
-    assert sum(encoded) == images and min(encoded) > 0
+    check_images_encoded_once(cp2["ranks"])
     for agg_mode in AGG_MODES:
         reference_grads = tp1["grads"][f"{agg_mode}/dp1/budget4096"]
         key = f"{agg_mode}/dp1cp2/budget160"
@@ -121,3 +136,13 @@ def test_context_parallel_equals_one_rank_and_encodes_each_image_once(run_layout
             torch.testing.assert_close(cp2["grads"][key][name], grad, rtol=1e-5, atol=1e-5 * scale,
                                        msg=lambda m: f"{key} {name}: {m}")
     check_first_update(cp2["ranks"])
+
+
+def test_tp2_encodes_each_image_once_and_sums_the_vision_gradients_over_tp(run_layout):
+    """Images shared out over the two TP ranks: the vision tower's gradients (each rank's own images' part, summed
+    over TP) equal those of one rank that encoded every image, for every agg_mode."""
+    tp1, tp2 = run_layout("tp1"), run_layout("tp2")
+    for agg_mode in AGG_MODES:
+        key = f"{agg_mode}/dp1/budget4096"
+        assert tp2["ranks"][0]["losses"][key] == pytest.approx(tp1["ranks"][0]["losses"][key], rel=1e-5)
+        check_vision_grads(tp1, tp2, key, key)

@@ -9,7 +9,7 @@ is the drop-in `core_attention` for the same spec (no parameters, so checkpoints
   causally to itself only. flash-attn's varlen kernel on CUDA when installed (fp16/bf16), else
   torch scaled_dot_product_attention slot by slot (flash/efficient kernels on CUDA, the CPU flash kernel on CPU).
   Cost O(sum_i L_i^2) compute, O(max_i L_i^2) memory at most (the math fallback), never O(T^2).
-* With a ContextParallelSeqParams shard (cp > 1): the local stream holds two chunks of every slot
+* With a ShardedSeqParams shard (cp > 1): the local stream holds two chunks of every slot
   (parallel.context_parallel); keys and values are all-gathered over the CP group, each local chunk attends to
   the slot's keys up to its own end with a bottom-right-aligned causal mask.
 * BSHD input (no packed_seq_params): causal when attention_mask is None, else megatron's boolean mask
@@ -31,14 +31,16 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_minio3.parallel.context_parallel import ContextShard, chunk_owner, gather_from_context_ranks
+from megatron_minio3.parallel.context_parallel import ContextShard, ImageSharding, chunk_owner, gather_from_context_ranks
 
 
 @dataclass
-class ContextParallelSeqParams(PackedSeqParams):
-    """PackedSeqParams of a CP rank's local stream (cu_seqlens are local) plus where its tokens sit."""
+class ShardedSeqParams(PackedSeqParams):
+    """PackedSeqParams plus how the micro-batch is shared out: `shard`, a CP rank's tokens (the cu_seqlens are then
+    the local stream's), and `images`, the group whose ranks each encode part of the images (TP x CP)."""
 
     shard: ContextShard | None = None
+    images: ImageSharding | None = None
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ from torch import Tensor
 from megatron_minio3.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from megatron_minio3.models.qwen2_5_vl.layer_spec import language_layer_spec, resolve_use_te
 from megatron_minio3.models.qwen2_5_vl.vision import VisionEncoder, vision_inverse_frequencies
-from megatron_minio3.parallel.context_parallel import ContextShard, assign_images, gather_rows
+from megatron_minio3.parallel.context_parallel import ContextShard, ImageSharding, assign_images, gather_rows
 
 
 @dataclass(frozen=True)
@@ -206,12 +206,13 @@ class Qwen2_5_VLModel(MegatronModule):
 
     def embed(
         self, input_ids_BS: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None,
-        shard: ContextShard | None = None,
+        shard: ContextShard | None = None, images: ImageSharding | None = None,
     ) -> Tensor:
         """Token embeddings [S, B, H] with the image features written at the <|image_pad|> positions.
 
-        With a context-parallel shard (B = 1): embeddings of the shard's tokens only [T / cp, 1, H]; each image is
-        encoded on one CP rank (context_parallel.assign_images) and the features are all-gathered."""
+        With a context-parallel shard (B = 1): embeddings of the shard's tokens only [T / cp, 1, H]. With an image
+        group (TP x CP ranks sharing the micro-batch): each image is encoded on one of its ranks
+        (context_parallel.assign_images) and the features are all-gathered."""
         is_image_BS = input_ids_BS == self.model_cfg.image_token_id
         num_image_tokens = int(is_image_BS.sum())
         cp = shard is not None and shard.cp_size > 1
@@ -228,8 +229,8 @@ class Qwen2_5_VLModel(MegatronModule):
             raise ValueError("pixel_values given without image_grid_thw")
         vision_trainable = any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trainable):
-            if cp:
-                image_embeds_MH = self._encode_images_over_context_ranks(pixel_values, image_grid_thw, shard)
+            if images is not None and images.size > 1:
+                image_embeds_MH = self._encode_images_over_group(pixel_values, image_grid_thw, images)
             else:
                 image_embeds_MH = self.vision_model(pixel_values, image_grid_thw)
         if image_embeds_MH.shape[0] != num_image_tokens:
@@ -246,27 +247,26 @@ class Qwen2_5_VLModel(MegatronModule):
         batch_index, seq_index = is_image_BS.nonzero(as_tuple=True)  # row-major: images in order
         return embeds_SBH.index_put((seq_index, batch_index), image_embeds_MH.to(embeds_SBH.dtype))
 
-    def _encode_images_over_context_ranks(self, pixel_values: Tensor, image_grid_thw: Tensor,
-                                          shard: ContextShard) -> Tensor:
+    def _encode_images_over_group(self, pixel_values: Tensor, image_grid_thw: Tensor, images: ImageSharding) -> Tensor:
         """[M, H] features of every image, in image order; this rank encodes only the images assigned to it."""
         patches = image_grid_thw.prod(dim=1).tolist()
         merge = self.model_cfg.vision.spatial_merge_size ** 2
-        owner = assign_images(patches, shard.cp_size)
+        owner = assign_images(patches, images.size)
         starts = [0]
         for n in patches:
             starts.append(starts[-1] + n)
-        mine = [i for i, r in enumerate(owner) if r == shard.cp_rank]
+        mine = [i for i, r in enumerate(owner) if r == images.rank]
         if mine:
             rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=pixel_values.device) for i in mine])
             local_MH = self.vision_model(pixel_values[rows], image_grid_thw[mine])
         else:  # still part of the graph, so every rank takes part in the gather's backward
             anchor = next(self.vision_model.parameters())
             local_MH = anchor.new_zeros((0, self.model_cfg.text.hidden_size)) + 0 * anchor.sum()
-        counts = [sum(patches[i] // merge for i, r in enumerate(owner) if r == rank) for rank in range(shard.cp_size)]
-        gathered_MH = gather_rows(local_MH, counts, shard.group)
+        counts = [sum(patches[i] // merge for i, r in enumerate(owner) if r == rank) for rank in range(images.size)]
+        gathered_MH = gather_rows(local_MH, counts, images.group, images.replicas)
         # gathered rows: rank 0's images in image order, then rank 1's, ...; put them back in image order
         offset, position = 0, {}
-        for rank in range(shard.cp_size):
+        for rank in range(images.size):
             for i, r in enumerate(owner):
                 if r == rank:
                     position[i] = offset
@@ -291,8 +291,9 @@ class Qwen2_5_VLModel(MegatronModule):
         attention, else megatron's boolean mask [B, 1, S, S] (True = masked); pixel_values
         [num_patches, C*T*P*P] and image_grid_thw [num_images, 3] for the images in order of appearance;
         packed_seq_params: megatron PackedSeqParams (cu_seqlens) for THD input; an
-        attention.ContextParallelSeqParams with a shard of cp > 1 takes the FULL stream's input_ids/position_ids
-        and the LOCAL stream's cu_seqlens, and returns the local tokens' outputs [1, T / cp, ...].
+        attention.ShardedSeqParams with a shard of cp > 1 takes the FULL stream's input_ids/position_ids
+        and the LOCAL stream's cu_seqlens, and returns the local tokens' outputs [1, T / cp, ...]; with an
+        image group (`images`, TP x CP ranks) each rank encodes part of the images.
         """
         if position_ids.dim() != 3 or position_ids.shape[0] != 3 or position_ids.shape[1:] != input_ids.shape:
             raise ValueError(
@@ -300,6 +301,7 @@ class Qwen2_5_VLModel(MegatronModule):
                 f"got {tuple(position_ids.shape)}"
             )
         shard = getattr(packed_seq_params, "shard", None)
+        images = getattr(packed_seq_params, "images", None)
         if shard is not None and shard.cp_size > 1:  # the full stream comes in; this rank computes its shard
             if input_ids.shape[0] != 1:
                 raise ValueError(f"context parallelism takes one packed sequence stream (B = 1), got B = "
@@ -310,7 +312,7 @@ class Qwen2_5_VLModel(MegatronModule):
             shard, index_T = None, None
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, shard)
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, shard, images)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         return self.language_model(

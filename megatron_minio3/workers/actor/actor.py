@@ -34,7 +34,7 @@ from megatron_minio3.models.qwen2_5_vl.config import load_hf_config
 from megatron_minio3.models.qwen2_5_vl.layer_spec import resolve_use_te
 from megatron_minio3.models.qwen2_5_vl.model import ModelOptions, Qwen2_5_VLModel, build_model
 from megatron_minio3.packing.thd import PackedMicroBatch
-from megatron_minio3.parallel.context_parallel import context_parallel_group
+from megatron_minio3.parallel.context_parallel import context_parallel_group, image_sharding
 from megatron_minio3.parallel.grad import clip_grad_norm_
 from megatron_minio3.workers.actor.lr_schedule import build_lr_scheduler
 from megatron_minio3.workers.actor.offload import ActorStateOffloader, HostOffloader, OffloadStats, param_tensors
@@ -64,7 +64,8 @@ def build_model_from_hf(hf_dir: str | Path, options: ModelOptions) -> Qwen2_5_VL
 
 
 def _forward_options(model: Qwen2_5_VLModel, temperature: float) -> ForwardOptions:
-    """THD attention on every spec (TE, or PackedAttention on the local one); this rank's context-parallel group."""
+    """THD attention on every spec (TE, or PackedAttention on the local one); this rank's context-parallel group
+    and image group."""
     group = context_parallel_group()
     return ForwardOptions(
         temperature=temperature,
@@ -73,6 +74,7 @@ def _forward_options(model: Qwen2_5_VLModel, temperature: float) -> ForwardOptio
         cp_size=1 if group is None else torch.distributed.get_world_size(group),
         cp_rank=0 if group is None else torch.distributed.get_rank(group),
         cp_group=group,
+        images=image_sharding(),
     )
 
 

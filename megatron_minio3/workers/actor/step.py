@@ -29,9 +29,9 @@ from torch import Tensor
 from megatron_minio3.algorithms.policy_loss import LossCounts, policy_loss
 from megatron_minio3.algorithms.sft_loss import sft_loss
 from megatron_minio3.config.algorithm import AlgorithmConfig
-from megatron_minio3.models.qwen2_5_vl.attention import ContextParallelSeqParams
+from megatron_minio3.models.qwen2_5_vl.attention import ShardedSeqParams
 from megatron_minio3.packing.thd import PackedMicroBatch
-from megatron_minio3.parallel.context_parallel import ContextShard, make_shard, unshard
+from megatron_minio3.parallel.context_parallel import ContextShard, ImageSharding, make_shard, unshard
 from megatron_minio3.parallel.vocab_parallel import vocab_parallel_logprobs_and_entropy
 
 
@@ -46,6 +46,7 @@ class ForwardOptions:
     cp_size: int = 1  # context parallel: every rank computes 1/cp of each micro-batch's tokens
     cp_rank: int = 0
     cp_group: torch.distributed.ProcessGroup | None = None
+    images: ImageSharding | None = None  # TP x CP ranks sharing a micro-batch: each encodes part of its images
 
 
 def context_shard(mb: PackedMicroBatch, options: ForwardOptions) -> ContextShard | None:
@@ -62,15 +63,15 @@ def model_inputs(mb: PackedMicroBatch, options: ForwardOptions, shard: ContextSh
     def move(tensor: Tensor | None) -> Tensor | None:
         return None if tensor is None else tensor.to(device)
 
-    if shard is not None:
-        if not options.use_thd:
-            raise ValueError("context parallelism needs THD attention (use_thd=True)")
-        cu, max_len = shard.local_cu_seqlens, mb.max_seqlen_padded // options.cp_size
-        packed = ContextParallelSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                                          cu_seqlens_kv_padded=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len,
-                                          shard=shard)
-    else:
-        packed = mb.packed_seq_params() if options.use_thd else None
+    if shard is not None and not options.use_thd:
+        raise ValueError("context parallelism needs THD attention (use_thd=True)")
+    packed = None
+    if options.use_thd:
+        cu = mb.cu_seqlens_padded if shard is None else shard.local_cu_seqlens
+        max_len = mb.max_seqlen_padded // options.cp_size
+        packed = ShardedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                                  cu_seqlens_kv_padded=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len,
+                                  shard=shard, images=options.images)
     return dict(
         input_ids=mb.input_ids_T[None].to(device),
         position_ids=mb.position_ids_3T[:, None, :].to(device),
@@ -79,6 +80,24 @@ def model_inputs(mb: PackedMicroBatch, options: ForwardOptions, shard: ContextSh
         pixel_values=move(mb.pixel_values),
         image_grid_thw=move(mb.image_grid_thw),
     )
+
+
+def sum_vision_grads_over_tensor_parallel(model: torch.nn.Module, options: ForwardOptions) -> None:
+    """With images shared out over TP ranks, each TP rank's vision-tower gradients hold only its own images' part;
+    sum them over the TP group (DDP has summed them over dp * cp already). The tower is replicated over TP, so
+    every TP rank then holds the same, whole gradient. A no-op at tp = 1, off the first stage, or frozen."""
+    vision = getattr(getattr(model, "module", model), "vision_model", None)
+    if options.images is None or vision is None or mpu.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = [p.main_grad for p in vision.parameters() if p.requires_grad]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, group=mpu.get_tensor_model_parallel_group())
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 def _local(values_T: Tensor, shard: ContextShard | None) -> Tensor:
@@ -208,6 +227,7 @@ def forward_backward_policy_loss(
         return loss_func
 
     reduced = _run_schedule(model, micro_batches, options, make_loss_func, forward_only=False)
+    sum_vision_grads_over_tensor_parallel(model, options)
     if not mpu.is_pipeline_last_stage():
         return {}
     names = [name for name in METRIC_NAMES if name in reduced[0]]
@@ -241,6 +261,7 @@ def forward_backward_sft_loss(
         return loss_func
 
     reduced = _run_schedule(model, micro_batches, options, make_loss_func, forward_only=False)
+    sum_vision_grads_over_tensor_parallel(model, options)
     if not mpu.is_pipeline_last_stage():
         return {}
     summed = torch.stack([torch.stack([m["loss"].float(), m["num_tokens"].float()]) for m in reduced]).sum(0)

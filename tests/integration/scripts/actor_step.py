@@ -6,8 +6,9 @@ Always: log-probs of every trajectory from packed micro-batches (this rank's dat
 same trajectories one at a time; the last-stage TP-rank-0 ranks save them (token-aligned, by trajectory).
 --grads: for every agg_mode, the gradients (after megatron's DP all-reduce) of the GRPO loss of the whole
   mini-batch, packed into micro-batches under two budgets (at DP1: one big micro-batch vs many; at DP>1: one
-  budget); rank 0 saves them with the loss (needs tp = pp = 1). With --cp 2 every sequence is split over two
-  ranks; each rank counts the images its vision tower encodes.
+  budget); rank 0 saves them with the loss (needs pp = 1; at tp > 1 only the vision tower's, which is replicated
+  over TP). With --cp 2 every sequence is split over two ranks; at tp or cp > 1 each image is encoded on one rank
+  of the TP x CP group, and each rank counts the images its vision tower encodes.
 --update: one optimizer step (KL and entropy terms on) with old log-probs recomputed by the same weights and
   reference log-probs from a ReferencePolicy built from the same checkpoint; saves its metrics.
 """
@@ -130,7 +131,7 @@ def main() -> None:
         )
 
     if args.grads:
-        assert ctx.tp_size == 1 and ctx.pp_size == 1, "--grads compares full gradients: tp = pp = 1"
+        assert ctx.pp_size == 1, "--grads compares whole gradients: pp = 1 (at tp > 1 the vision tower's only)"
         budgets = [BIG_BUDGET, SMALL_BUDGET] if ctx.dp_size * ctx.cp_size == 1 else [SMALL_BUDGET]
         grads, losses, counts = {}, {}, {}
         for agg_mode in LOSS_AGG_MODES:
@@ -145,7 +146,8 @@ def main() -> None:
                     replace(algorithm, loss_agg_mode=agg_mode), actor.options,
                 )
                 key = f"{agg_mode}/dp{ctx.dp_size}{'' if ctx.cp_size == 1 else f'cp{ctx.cp_size}'}/budget{budget}"
-                grads[key] = {n: p.main_grad.detach().clone() for n, p in actor.module.named_parameters()}
+                grads[key] = {n: p.main_grad.detach().clone() for n, p in actor.module.named_parameters()
+                              if ctx.tp_size == 1 or n.startswith("vision_model.")}  # replicated over TP
                 losses[key] = metrics["loss"]
                 counts[key] = len(split.micro_batches[ctx.dp_rank])
         if ctx.rank == 0:
