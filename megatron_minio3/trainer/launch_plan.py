@@ -308,8 +308,12 @@ def _train_activations(cfg: Config, d: ModelDims, stage: int, image_fraction: fl
                  local spec's separate norms: under Transformer Engine the norms are fused into linear_qkv/fc1
                  (input_layernorm and pre_mlp_layernorm are IdentityOp) and megatron recomputes nothing there.
     "full": the layer input (h/tp elements) per layer plus one layer's "none" set. Stage i of pp keeps pp - i
-    micro-batches in flight. Vision tower (first stage; replicated over TP, so not divided by tp): 8*hv + 3*fv
-    elements per patch and block, 4 patches per image token, image_fraction of the tokens; under "full" and
+    micro-batches in flight. Vision tower (first stage): 8*hv + 3*fv elements per patch and block, 4 patches per
+    image token, image_fraction of the tokens, divided by tp as well: the weights are replicated over TP, but each
+    image of a micro-batch is encoded on one rank of the tp * cp ranks that share it (parallel/context_parallel.py
+    ImageSharding), so a rank's tower holds 4 * image_fraction * s / tp patches (s is already / cp): the even share
+    (whole images are assigned, largest first onto the least loaded rank, so the busiest rank holds at most one
+    image more than that, which is not modelled); under "full" and
     "selective" alike (the model passes recompute_activations to the tower, whose blocks rerun whole under either
     granularity) each block keeps its input plus one block's full set; a frozen tower holds one block at a time.
     Last stage: the logits (actor dtype) that the log-prob function keeps for its backward, their gradient, and its
@@ -339,7 +343,7 @@ def _train_activations(cfg: Config, d: ModelDims, stage: int, image_fraction: fl
         decoder = in_flight * layers * s * dt * h / p.tp + s * per_token_layer
     out = {"activations (decoder)": int(decoder)}
     if stage == 0:
-        patches = 4 * image_fraction * s
+        patches = 4 * image_fraction * s / p.tp  # each image encoded on one rank of the tp * cp group
         per_block = patches * dt * (8 * d.vision_hidden_size + 3 * d.vision_intermediate_size)
         if cfg.actor.freeze_vision_tower:
             vision = per_block

@@ -16,16 +16,21 @@ Step time (an ESTIMATE, for ranking layouts against each other, not a prediction
     m = ceil(global_batch / dp)                                          micro-batches per DP replica
     t_microbatch = (seq_len / cp) * max over stages of F_stage / (peak_flops * mfu)
     F_stage = (decoder_dense + decoder_attention) / pp * recompute factor / tp
-              + [first stage] vision * recompute factor  (the tower is replicated over TP: not divided by tp)
+              + [first stage] vision * recompute factor / tp
               + [last stage] lm_head / tp
-with the per-token FLOPs of model_flops_per_token's parts. (m + pp - 1) * t is 1F1B's schedule: m * t of work
+with the per-token FLOPs of model_flops_per_token's parts. The vision tower's weights are replicated over TP,
+but each image of a micro-batch is encoded on one rank of the tp * cp ranks that share it (ImageSharding in
+parallel/context_parallel.py), so its FLOPs divide by tp as the decoder's do (the even share: whole images are
+assigned, so the busiest rank may encode up to one image more). (m + pp - 1) * t is 1F1B's schedule: m * t of work
 plus the pipeline bubble (pp - 1) / m. Recompute factors (hardware FLOPs beyond the model's forward + backward,
 which is 3 forwards): "none" 1; "selective" adds one forward of each recomputed decoder module (core_attn:
 decoder_attention / 3; mlp: decoder_mlp / 3; layernorm: no matmul FLOPs) and every vision block's forward (the
 tower reruns whole under either granularity); "full" adds every decoder layer's and vision block's forward
 (x 4/3). The TP and CP penalties are ASSUMPTIONS (flags): communication that the matmuls do not hide, growing
 linearly with the group size; DP gradient reduction and PP sends are taken as overlapped, the optimizer step and
-the log-prob passes are left out.
+the log-prob passes are left out, and so are the image features' all-gather over tp * cp and the all-reduce of the
+vision tower's gradients over TP once per optimizer step (fp32, 4 bytes x vision parameters: 2.7 GB for the
+released models' 0.68B), which no other communication term here models either.
 """
 from __future__ import annotations
 
@@ -222,7 +227,7 @@ def step_seconds(parts: FlopsPerToken, layout: Layout, mode: str, seq_len: int, 
     tokens) on `layout`; the formula is the module docstring's. modules: the selective mode's recompute_modules."""
     decoder_factor, vision_factor = recompute_factors(parts, mode, modules)
     decoder = (parts.decoder_dense + parts.decoder_attention) * decoder_factor / layout.pp / layout.tp
-    first = decoder + parts.vision * vision_factor + (parts.lm_head / layout.tp if layout.pp == 1 else 0)
+    first = decoder + parts.vision * vision_factor / layout.tp + (parts.lm_head / layout.tp if layout.pp == 1 else 0)
     last = decoder + parts.lm_head / layout.tp
     per_microbatch = seq_len / layout.cp * max(first, last) / (model.peak_flops * model.mfu)
     microbatches = math.ceil(model.global_batch / layout.dp)

@@ -111,7 +111,7 @@ def test_state_memory_by_hand():
 # Activations per token and layer without recompute, bytes (bf16): 2 * (6*64 + 2*2*16 + 3*128) = 1664, + the fp32
 # softmax log-sum-exp 4 * 4 heads = 16 -> 1680. Selective recompute frees, per module: core_attn the log-sum-exp
 # (16); mlp fc1's output and fc2's input, 2 * 3*128 = 768; layernorm the two norm outputs, 2 * 2*64 = 256.
-# Vision: patches per micro-batch 4 * 0.25 * 4096 = 4096; per block 4096 * 2 * (8*32 + 3*64) = 3670016; blocks
+# Vision (tp1): patches per micro-batch 4 * 0.25 * 4096 = 4096; per block 4096 * 2 * (8*32 + 3*64) = 3670016; blocks
 # rerun whole under either granularity, keeping their input: 4096 * 2 * 32 each. Logits: the bf16 logits and
 # their gradient, 2 * 4096 * 128 * 2 B, plus the log-prob function's two fp32 chunks of min(4096, 128) columns.
 PER_TOKEN_LAYER, VISION_BLOCK, LOGITS = 1680, 3670016, 2 * 4096 * 128 * 2 + 8 * 4096 * 128
@@ -146,9 +146,13 @@ def test_selective_recompute_follows_the_configs_modules(modules, per_token_laye
 def test_activations_at_tp2_and_pp2_by_hand():
     plan = tiny_plan()
     c = estimate(plan, "tp2 pp1 cp1 dp1").train_components["none"]
-    # sequence-parallel TP halves the decoder's activations and the logits' vocab slice, not the vision tower's
+    # sequence-parallel TP halves the decoder's activations and the logits' vocab slice; the vision tower's too,
+    # since each image is encoded on one rank of the TP group: 4096 / 2 = 2048 patches a rank, per block
+    # 2048 * 2 * (8*32 + 3*64) = 1835008 = VISION_BLOCK / 2, over 2 blocks
     assert c["activations (decoder)"] == 2 * SEQ * (2 * (6 * 64 + 2 * 2 * 16 + 3 * 128) / 2 + 4 * 4 / 2)
-    assert (c["activations (vision tower)"], c[LOGITS_COMPONENT]) == (2 * VISION_BLOCK, LOGITS // 2)
+    assert (c["activations (vision tower)"], c[LOGITS_COMPONENT]) == (2 * 1835008, LOGITS // 2)
+    full = estimate(plan, "tp2 pp1 cp1 dp1").train_components["full"]  # block inputs of 2048 patches + one block's set
+    assert full["activations (vision tower)"] == 2 * 2048 * 2 * 32 + 1835008 == VISION_RECOMPUTED // 2
     # 1F1B: stage 0 of 2 keeps 2 micro-batches in flight (of its 1 layer and the vision tower), stage 1 one
     c = estimate(plan, "tp1 pp2 cp1 dp1").train_components["none"]
     assert c["activations (decoder)"] == 2 * 1 * SEQ * PER_TOKEN_LAYER  # stage 0's, the larger
@@ -229,8 +233,9 @@ def test_flops_bad_input_names_the_argument():
 def test_step_time_by_hand():
     parts = FlopsPerToken(decoder_dense=600.0, decoder_attention=300.0, lm_head=60.0, vision=90.0)
     model = StepTimeModel(peak_flops=1000.0, mfu=0.5, global_batch=10, tp_comm_penalty=0.1, cp_comm_penalty=0.2)
-    # tp2 pp1 cp1 dp2, none: m = 10 / 2 = 5; per token (900 / 2 + 90 + 60 / 2) = 570 FLOPs; 8 tokens / 500 FLOP/s
-    assert step_seconds(parts, Layout(2, 1, 1, 2), "none", 8, model) == pytest.approx(5 * 8 * 570 / 500 * 1.1)
+    # tp2 pp1 cp1 dp2, none: m = 10 / 2 = 5; per token 900 / 2 + 90 / 2 + 60 / 2 = 525 FLOPs (the images are
+    # shared out over TP, so vision divides by tp as the decoder and lm_head do); 8 tokens at 500 FLOP/s
+    assert step_seconds(parts, Layout(2, 1, 1, 2), "none", 8, model) == pytest.approx(5 * 8 * 525 / 500 * 1.1)
     # tp1 pp2 cp2 dp1, full: m = 10; stage 0 = 900 * 4/3 / 2 + 90 * 4/3 = 720, stage 1 = 600 + 60; 4 tokens a rank
     assert step_seconds(parts, Layout(1, 2, 2, 1), "full", 8, model) == pytest.approx((10 + 1) * 4 * 720 / 500 * 1.2)
     # selective reruns the vision blocks whole (x 4/3) and core attention's forward (300 / 3); decoder_mlp is 0 here
@@ -250,14 +255,14 @@ def test_selective_recompute_step_time_by_hand():
     assert recompute_factors(parts, "selective", ["layernorm"]) == (1.0, 4 / 3)  # norms: no matmul FLOPs
     assert recompute_factors(parts, "selective", ["core_attn"]) == ((522240 + 25600) / 522240, 4 / 3)
     # tp2 pp1 cp1 dp1, 4 micro-batches of 100 tokens, 1e9 FLOP/s x MFU 0.5, TP penalty 0.1:
-    # per token 646144/2 + 1025952 * 4/3 + 49152/2 = 323072 + 1367936 + 24576 = 1715584 FLOPs
-    # t = 4 * 100 * 1715584 / 5e8 * (1 + 0.1) = 1.3724672 * 1.1 = 1.50971392 s
+    # per token 646144/2 + 1025952 * 4/3 / 2 + 49152/2 = 323072 + 683968 + 24576 = 1031616 FLOPs
+    # t = 4 * 100 * 1031616 / 5e8 * (1 + 0.1) = 0.8252928 * 1.1 = 0.90782208 s
     model = StepTimeModel(peak_flops=1e9, mfu=0.5, global_batch=4, tp_comm_penalty=0.1)
     assert step_seconds(parts, Layout(2, 1, 1, 1), "selective", 100, model, ["core_attn", "mlp"]) == pytest.approx(
-        1.50971392, rel=1e-12)
-    # full at the same layout: (522240 * 4/3)/2 + 1367936 + 24576 = 348160 + 1392512 = 1740672; selective is cheaper
+        0.90782208, rel=1e-12)
+    # full at the same layout: (522240 * 4/3)/2 + 683968 + 24576 = 348160 + 708544 = 1056704; selective is cheaper
     assert step_seconds(parts, Layout(2, 1, 1, 1), "full", 100, model) == pytest.approx(
-        4 * 100 * 1740672 / 5e8 * 1.1, rel=1e-12)
+        4 * 100 * 1056704 / 5e8 * 1.1, rel=1e-12)
     with pytest.raises(ValueError, match="recompute modules"):
         recompute_factors(parts, "selective", ["attention"])
 
