@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_minio3.parallel.vocab_parallel import vocab_parallel_logprobs_and_entropy
+from tests.integration.scripts.vp_logprobs import record_collectives
 
 NUM_TOKENS, PADDED_VOCAB = 37, 64
 CHUNK_SIZES = [1, 5, 13, 32, 40]  # 5 and 13 do not divide 32 (nor rank 1's 25 real columns at vocab 57)
@@ -28,18 +29,6 @@ CASES = [
     ("fp32_t1.3_rank1_all_padding", torch.float32, 1.3, 30),
     ("bf16_t0.7_padded", torch.bfloat16, 0.7, 57),
 ]
-
-
-def record_collectives(log: list) -> None:
-    """Wrap all_reduce and the gathers, logging (name, numel) of every call."""
-    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter"):
-        original = getattr(dist, name)
-
-        def wrapper(tensor, *args, _original=original, _name=name, **kwargs):
-            log.append((_name, tensor.numel() if torch.is_tensor(tensor) else -1))
-            return _original(tensor, *args, **kwargs)
-
-        setattr(dist, name, wrapper)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
