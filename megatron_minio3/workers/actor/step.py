@@ -87,7 +87,8 @@ def sum_vision_grads_over_tensor_parallel(model: torch.nn.Module, options: Forwa
     sum them over the TP group (DDP has summed them over dp * cp already). The tower is replicated over TP, so
     every TP rank then holds the same, whole gradient. A no-op at tp = 1, off the first stage, or frozen."""
     vision = getattr(getattr(model, "module", model), "vision_model", None)
-    if options.images is None or vision is None or mpu.get_tensor_model_parallel_world_size() == 1:
+    shared_out = options.images is not None and options.use_thd  # the masked baseline encodes everything everywhere
+    if not shared_out or vision is None or mpu.get_tensor_model_parallel_world_size() == 1:
         return
     grads = [p.main_grad for p in vision.parameters() if p.requires_grad]
     if not grads:
