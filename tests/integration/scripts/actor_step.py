@@ -36,7 +36,8 @@ BIG_BUDGET, SMALL_BUDGET = 4096, 160
 
 
 def make_items(hf_dir: str) -> list[PackingItem]:
-    """Trajectories of different lengths; some with one or two images; one exceeded (fully masked)."""
+    """Trajectories of different lengths; some with one image, some with two turns (the second image an
+    observation between two answers); one exceeded (fully masked)."""
     cfg = load_hf_config(hf_dir)
     merge = cfg.vision.spatial_merge_size
     patch_dim = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size**2
@@ -50,8 +51,17 @@ def make_items(hf_dir: str) -> list[PackingItem]:
         prompt = torch.randint(0, 400, (int(torch.randint(3, 12, (1,), generator=generator)),), generator=generator)
         response = torch.randint(0, 400, (int(torch.randint(4, 70, (1,), generator=generator)),), generator=generator)
         image_tokens = [torch.full((t * h * w // merge**2,), cfg.image_token_id) for t, h, w in grids]
-        token_ids = torch.cat([prompt[:2], *image_tokens, prompt[2:], response])
-        loss_mask = torch.cat([torch.zeros(token_ids.numel() - response.numel()), torch.ones(response.numel())])
+        if len(grids) == 2:  # two turns: the second image is an observation between two answers (mask 0)
+            half = response.numel() // 2
+            observation = torch.cat([prompt[:2], image_tokens[1]])
+            token_ids = torch.cat([prompt[:2], image_tokens[0], prompt[2:], response[:half], observation,
+                                   response[half:]])
+            loss_mask = torch.cat([torch.zeros(token_ids.numel() - response.numel() - observation.numel()),
+                                   torch.ones(half), torch.zeros(observation.numel()),
+                                   torch.ones(response.numel() - half)])
+        else:
+            token_ids = torch.cat([prompt[:2], *image_tokens, prompt[2:], response])
+            loss_mask = torch.cat([torch.zeros(token_ids.numel() - response.numel()), torch.ones(response.numel())])
         if index == 5:
             loss_mask.zero_()  # exceeded: out of the loss, still in its group's statistics
         grid_thw = torch.tensor(grids, dtype=torch.long).reshape(-1, 3)

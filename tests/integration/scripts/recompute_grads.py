@@ -32,7 +32,7 @@ def main() -> None:
 
     ctx = init_parallel(tp=args.tp, pp=1, seed=5)
     items = make_items(args.hf_dir)
-    packed = pack_mini_batch(items, PackingConfig(max_tokens_per_microbatch=512), dp_size=ctx.dp_size,
+    packed = pack_mini_batch(items, PackingConfig(max_tokens_per_microbatch=1024), dp_size=ctx.dp_size,
                              tp_size=ctx.tp_size)
     results = {}
     params = {}
