@@ -600,7 +600,9 @@ def _loss_agg(flag: Flag, ctx: Context) -> Outcome:
 def _seq_parallel(flag: Flag, ctx: Context) -> Outcome:
     if as_int(flag) == 1:
         return implied(flag, "no sequence parallelism")
-    return unmapped(flag, G_NONE, "sequence parallelism (our parallel.cp) is not implemented yet")
+    return mapped(flag, {"parallel.cp": as_int(flag)},
+                  "verl's Ulysses sequence parallelism splits each sequence over that many ranks; ours is context "
+                  "parallelism (load-balanced chunks, keys/values gathered, each image encoded once)")
 
 
 def _max_gen_batches(flag: Flag, ctx: Context) -> Outcome:

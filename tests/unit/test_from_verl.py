@@ -370,6 +370,11 @@ def test_the_layout_fills_the_seeds_gpus():
     assert kept.tree["parallel"]["dp"] == 2 and kept.sources["parallel.dp"] == "--set parallel.dp=2"
     with pytest.raises(TranslationError, match="do not split into groups of parallel tp 2"):
         translate(["trainer.nnodes=1", "trainer.n_gpus_per_node=3"])
+    # verl's Ulysses sequence parallelism becomes our context parallelism, and the data-parallel size makes room
+    ulysses = translate(["trainer.nnodes=1", "trainer.n_gpus_per_node=8",
+                         "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"])
+    assert (ulysses.tree["parallel"]["cp"], ulysses.tree["parallel"]["dp"]) == (2, 2)  # 8 GPUs / (tp 2 x cp 2)
+    assert outcome_of(ulysses, "actor_rollout_ref.actor.ulysses_sequence_parallel_size").status == MAPPED
 
 
 def test_the_docs_table_lists_every_seed_flag():
