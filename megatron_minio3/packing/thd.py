@@ -113,21 +113,6 @@ class PackedMicroBatch:
         """Block-diagonal causal mask [1, 1, T, T] for megatron's local attention (True = masked out)."""
         return block_causal_mask(self.cu_seqlens_padded)
 
-    def packed_seq_params(self):
-        """megatron PackedSeqParams for the THD attention path (Transformer Engine): one segment per slot."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        max_seqlen = self.max_seqlen_padded
-        return PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=self.cu_seqlens_padded,
-            cu_seqlens_kv=self.cu_seqlens_padded,
-            cu_seqlens_q_padded=self.cu_seqlens_padded,
-            cu_seqlens_kv_padded=self.cu_seqlens_padded,
-            max_seqlen_q=max_seqlen,
-            max_seqlen_kv=max_seqlen,
-        )
-
     def unpack(self, values_T: Tensor) -> list[Tensor]:
         """Label-aligned [T, ...] values (e.g. log-probs) back to token-aligned [L, ...] per slot.
 

@@ -139,10 +139,10 @@ def unshard(local_T: Tensor, shard: ContextShard) -> Tensor:
         return local_T
     gathered = torch.empty((shard.cp_size, *local_T.shape), dtype=local_T.dtype, device=local_T.device)
     dist.all_gather(list(gathered.unbind(0)), local_T.contiguous(), group=shard.group)
-    full = torch.empty((shard.cu_seqlens_padded[-1].item(), *local_T.shape[1:]), dtype=local_T.dtype,
-                       device=local_T.device)
-    for rank in range(shard.cp_size):
-        full[shard_indices(shard.cu_seqlens_padded, shard.cp_size, rank).to(local_T.device)] = gathered[rank]
+    index_T = torch.cat([shard_indices(shard.cu_seqlens_padded, shard.cp_size, rank)
+                         for rank in range(shard.cp_size)])
+    full = torch.empty((index_T.numel(), *local_T.shape[1:]), dtype=local_T.dtype, device=local_T.device)
+    full[index_T.to(local_T.device)] = gathered.flatten(0, 1)
     return full
 
 
@@ -169,7 +169,6 @@ class ImageSharding:
     replicas: int = 1  # ranks of the group that use the features for the same tokens (TP): identical gradients
 
 
-_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 _MY_GROUP: dist.ProcessGroup | None = None
 _MY_IMAGES: ImageSharding | None = None
 
@@ -191,9 +190,8 @@ def init_context_parallel_groups(cp_size: int) -> dist.ProcessGroup | None:
                 raise ValueError(f"data-parallel group {ranks} does not split into context-parallel groups of "
                                  f"{cp_size}")
             for start in range(0, len(ranks), cp_size):
-                block = tuple(ranks[start:start + cp_size])
-                group = dist.new_group(list(block))
-                _GROUPS[block] = group
+                block = ranks[start:start + cp_size]
+                group = dist.new_group(block)
                 if me in block:
                     _MY_GROUP = group
     if tp * cp_size > 1:
@@ -218,7 +216,6 @@ def image_sharding() -> ImageSharding | None:
 
 def forget_context_parallel_groups() -> None:
     global _MY_GROUP, _MY_IMAGES
-    _GROUPS.clear()
     _MY_GROUP = None
     _MY_IMAGES = None
 

@@ -101,9 +101,12 @@ def test_block_causal_mask_by_hand():
 
 
 def test_packed_seq_params_use_the_slot_boundaries():
+    from megatron_minio3.workers.actor.step import ForwardOptions, model_inputs
+
     packed = pack_sequences(hand_items(), [0, 1], pad_multiple=2)
-    params = packed.packed_seq_params()
-    assert params.qkv_format == "thd"
+    options = ForwardOptions(temperature=1.0, vocab_size=100, device=torch.device("cpu"))
+    params = model_inputs(packed, options)["packed_seq_params"]
+    assert params.qkv_format == "thd" and params.shard is None and params.images is None
     assert params.cu_seqlens_q.tolist() == [0, 4, 10] and params.cu_seqlens_kv_padded.tolist() == [0, 4, 10]
     assert params.max_seqlen_q == 6
 

@@ -101,12 +101,12 @@ def context_parallel_attention(q_TND: Tensor, k_TGD: Tensor, v_TGD: Tensor, shar
     cp, rank = shard.cp_size, shard.cp_rank
     local_starts = shard.local_cu_seqlens.tolist()
     flash = _flash_varlen() if _use_flash(q_TND) else None
+    pieces = [chunk_owner(j, cp) for j in range(2 * cp)]  # (owner rank, its first/second chunk) of chunk j
     outs = []
     for slot, start in enumerate(local_starts[:-1]):
         c = shard.chunk_length(slot)
         if c == 0:
             continue
-        pieces = [chunk_owner(j, cp) for j in range(2 * cp)]
         k_slot = torch.cat([k_all[owner, start + half * c: start + (half + 1) * c] for owner, half in pieces])
         v_slot = torch.cat([v_all[owner, start + half * c: start + (half + 1) * c] for owner, half in pieces])
         for half, chunk in ((0, rank), (1, 2 * cp - 1 - rank)):

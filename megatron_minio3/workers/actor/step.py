@@ -156,8 +156,8 @@ def forward_logprobs(
                 logits_1TV[0], _local(mb.labels_T, shard).to(logits_1TV.device), options.temperature,
                 vocab_size=options.vocab_size,
             )
-            if shard is not None:  # every CP rank of the group gets the whole micro-batch's scores
-                logprobs_T, entropy_T = unshard(logprobs_T, shard), unshard(entropy_T, shard)
+            if shard is not None:  # every CP rank of the group gets the whole micro-batch's scores (one gather)
+                logprobs_T, entropy_T = unshard(torch.stack([logprobs_T, entropy_T], dim=-1), shard).unbind(-1)
             return TokenScores(logprobs_T=logprobs_T.cpu(), entropy_T=entropy_T.cpu())
 
         return scores
