@@ -259,12 +259,6 @@ def batch_image_fraction(seq_len: int, num_seqs: int, images_per_seq: int, image
     return len(lengths) * images_per_seq * n / seq_len
 
 
-def median(values: list[float]) -> float:
-    if not values:
-        raise ValueError("no timed steps")
-    return statistics.median(values)
-
-
 # ---------------------------------------------------------------------------------------------------- torch parts
 def make_micro_batches(model_cfg, args: argparse.Namespace, dp_rank: int, multiple: int):
     """This DP rank's packed micro-batches and, per micro-batch, the SequenceShape of every trajectory."""
@@ -438,7 +432,7 @@ def run_updates(args: argparse.Namespace) -> dict[str, Any]:
 
     result["arms"] = {}
     for name, _ in arms:
-        step = median(times[name])
+        step = statistics.median(times[name])
         entry = {"step_seconds": times[name], "median_step_seconds": step, "mean_step_seconds":
                  statistics.fmean(times[name]), "min_step_seconds": min(times[name]), "last_update": last[name],
                  **throughput(step, tokens_per_step, flops_per_step, ctx.world_size, peak_tflops)}

@@ -6,6 +6,7 @@ Module tree (these prefixes are also the distributed-checkpoint keys):
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -250,11 +251,9 @@ class Qwen2_5_VLModel(MegatronModule):
     def _encode_images_over_group(self, pixel_values: Tensor, image_grid_thw: Tensor, images: ImageSharding) -> Tensor:
         """[M, H] features of every image, in image order; this rank encodes only the images assigned to it."""
         patches = image_grid_thw.prod(dim=1).tolist()
-        merge = self.model_cfg.vision.spatial_merge_size ** 2
+        tokens = [n // self.model_cfg.vision.spatial_merge_size ** 2 for n in patches]
         owner = assign_images(patches, images.size)
-        starts = [0]
-        for n in patches:
-            starts.append(starts[-1] + n)
+        starts = [0, *itertools.accumulate(patches)]
         mine = [i for i, r in enumerate(owner) if r == images.rank]
         if mine:
             rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=pixel_values.device) for i in mine])
@@ -262,17 +261,12 @@ class Qwen2_5_VLModel(MegatronModule):
         else:  # still part of the graph, so every rank takes part in the gather's backward
             anchor = next(self.vision_model.parameters())
             local_MH = anchor.new_zeros((0, self.model_cfg.text.hidden_size)) + 0 * anchor.sum()
-        counts = [sum(patches[i] // merge for i, r in enumerate(owner) if r == rank) for rank in range(images.size)]
+        counts = [sum(n for n, r in zip(tokens, owner) if r == rank) for rank in range(images.size)]
         gathered_MH = gather_rows(local_MH, counts, images.group, images.replicas)
-        # gathered rows: rank 0's images in image order, then rank 1's, ...; put them back in image order
-        offset, position = 0, {}
-        for rank in range(images.size):
-            for i, r in enumerate(owner):
-                if r == rank:
-                    position[i] = offset
-                    offset += patches[i] // merge
-        order = torch.cat([torch.arange(position[i], position[i] + patches[i] // merge) for i in range(len(patches))])
-        return gathered_MH[order.to(gathered_MH.device)]
+        # the gathered rows hold rank 0's images in image order, then rank 1's, ...: put them back in image order
+        gathered_order = sorted(range(len(patches)), key=lambda i: (owner[i], i))
+        features = dict(zip(gathered_order, gathered_MH.split([tokens[i] for i in gathered_order])))
+        return torch.cat([features[i] for i in range(len(patches))])
 
     def forward(
         self,
