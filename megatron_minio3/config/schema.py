@@ -207,6 +207,14 @@ class TrainerConfig:
     # A round draws int(train_batch_size * prompts_per_round_multiplier) prompts (the seed's
     # trainer.rejection_sample_multiplier); groups beyond a full batch are discarded.
     prompts_per_round_multiplier: float = 1.0
+    # Over-provisioning (dynamic sampling): once overlap_rounds_at of a round's trajectories have ended, every
+    # rollout handle starts the next round's prompts (the sampler's next ones, with that round's seeds) while the
+    # stragglers finish; the engines run the current round's turns first (priority scheduling). The controller
+    # still takes rounds in order: a round started early is used as the next round if one is needed and dropped
+    # (its requests aborted, the sampler not advanced) if the batch is full, so the kept groups are the same as
+    # without overlap. Not for engines spanning several actor ranks (hybrid, rollout.tensor_parallel_size > 1).
+    overlap_rounds: bool = False
+    overlap_rounds_at: float = 0.5
     # hybrid: the vLLM engines live in the actor's process (one actor rank; the CPU default);
     # separate: num_rollout_workers Ray actors hold the engines and receive weights over a broadcast group.
     rollout_placement: Literal["hybrid", "separate"] = "hybrid"
@@ -239,6 +247,9 @@ class TrainerConfig:
         for name in ("max_generation_rounds", "num_rollout_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.overlap_rounds_at <= 1.0:
+            raise ValueError(f"trainer.overlap_rounds_at is the share of a round's trajectories that have ended when "
+                             f"the next round starts, in (0, 1]; got {self.overlap_rounds_at}")
         if not self.prompts_per_round_multiplier > 0 or self.prompts_per_round < 1:
             raise ValueError(f"trainer.prompts_per_round_multiplier must make at least one prompt per generation round "
                              f"(int(train_batch_size {self.train_batch_size} * multiplier) >= 1), got "
@@ -334,10 +345,17 @@ class Config:
                              "ref.enabled=auto (or true)")
         if not self.algorithm.dynamic_sampling:
             defaults = TrainerConfig()
-            for name in ("max_generation_rounds", "prompts_per_round_multiplier"):
+            for name in ("max_generation_rounds", "prompts_per_round_multiplier", "overlap_rounds",
+                         "overlap_rounds_at"):
                 if getattr(self.trainer, name) != getattr(defaults, name):
                     raise ValueError(f"trainer.{name} applies to dynamic sampling (algorithm.dynamic_sampling=true); "
                                      "without it a step makes one generation round of train_batch_size prompts")
+        if (self.trainer.overlap_rounds and self.trainer.rollout_placement == "hybrid"
+                and self.rollout.tensor_parallel_size > 1):
+            raise ValueError(f"trainer.overlap_rounds=true with rollout.tensor_parallel_size="
+                             f"{self.rollout.tensor_parallel_size} in hybrid placement: an engine spanning several "
+                             "actor ranks cannot keep generating between the controller's calls; turn overlap_rounds "
+                             "off, or use rollout.tensor_parallel_size=1 or trainer.rollout_placement=separate")
         if self.trainer.rollout_placement == "hybrid" and self.trainer.num_rollout_workers != 1:
             raise ValueError("trainer.num_rollout_workers applies to trainer.rollout_placement=separate; with hybrid "
                              "the engines live in the actor ranks (rollout data parallelism = ranks / "

@@ -78,6 +78,7 @@ class GenerationRequest:
     seed: int | None = None  # this request's own sampling seed (rollout/seeds.py); None: the engine's stream
     image_ids: tuple[str, ...] = ()  # a content id per image (image_content_id), or () to let the engine hash them
     continues: bool = False  # a later turn: its prompt extends an earlier request's (prefix-cache statistics)
+    priority: int = 0  # lower runs first where the engine schedules by priority (overlapping generation rounds)
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class _TrajectoryState:
     prepared: _PreparedPrompt
     sample_index: int
     prompt_seed: int | None = None  # base seed of the prompt (rollout/seeds.py); None: the engine's stream
+    priority: int = 0  # of every request of this trajectory (GenerationRequest.priority)
     compact_ids: list[int] = field(init=False)
     token_ids: list[int] = field(init=False)
     loss_mask: list[int] = field(init=False)
@@ -255,6 +257,7 @@ class _TrajectoryState:
             seed=None if self.prompt_seed is None else request_seed(self.prompt_seed, self.sample_index, len(self.turns)),
             image_ids=tuple(image.content_id for image in self.images) if all(i.content_id for i in self.images) else (),
             continues=bool(self.turns),
+            priority=self.priority,
         )
 
     def consume(self, result: GenerationResult, generate_s: float) -> None:
@@ -513,19 +516,25 @@ class AgentLoop:
         return state.to_trajectory()
 
     async def _run_prompt(self, prompt: Prompt, num_samples: int, skipped: list[SkippedPrompt], finished: list[float],
-                          prompt_seed: int | None = None, progress: Progress | None = None) -> list[Trajectory]:
+                          prompt_seed: int | None = None, progress: Progress | None = None, priority: int = 0,
+                          on_trajectory: Callable[[], None] | None = None) -> list[Trajectory]:
         prepared = await self._prepare_or_skip(prompt, skipped)
         if prepared is None:
             if progress is not None:
                 progress.update(num_samples)
+            if on_trajectory is not None:
+                for _ in range(num_samples):
+                    on_trajectory()
             return []
-        states = [_TrajectoryState(self, prepared, index, prompt_seed) for index in range(num_samples)]
+        states = [_TrajectoryState(self, prepared, index, prompt_seed, priority) for index in range(num_samples)]
 
         async def chain(state: _TrajectoryState) -> Trajectory:
             trajectory = await self._run_chain(state)
             finished.append(time.perf_counter())
             if progress is not None:
                 progress.update(1)
+            if on_trajectory is not None:
+                on_trajectory()
             return trajectory
 
         return list(await asyncio.gather(*(chain(state) for state in states)))
@@ -554,19 +563,24 @@ class AgentLoop:
 
     async def run(self, prompts: Sequence[Prompt], num_samples: int, *, turn_synchronous: bool = False,
                   seeds: Sequence[int] | None = None, progress_label: str | None = None,
-                  on_group: Callable[[int, list[Trajectory]], None] | None = None) -> RolloutBatch:
+                  on_group: Callable[[int, list[Trajectory]], None] | None = None,
+                  on_trajectory: Callable[[], None] | None = None, priority: int = 0) -> RolloutBatch:
         """Roll out `num_samples` trajectories per prompt; results are grouped by prompt, in prompt order.
         `seeds`: one base seed per prompt (rollout/seeds.py), so that every request samples from a stream of its
         own (reproducible whatever else the engine runs); without them the engine's own stream is used.
         `progress_label`: show the finished trajectories under this name (megatron_minio3.progress).
         `on_group(prompt_index, trajectories)`: called on the event loop as soon as a prompt's group is complete
-        (not for a skipped prompt), while the other groups still generate; the caller can start scoring it."""
+        (not for a skipped prompt), while the other groups still generate; the caller can start scoring it.
+        `on_trajectory()`: called on the event loop each time a trajectory ends (a skipped prompt's samples count as
+        ended), so a caller can act on the round's progress (rollout_worker: start the next round early).
+        `priority`: of every request (GenerationRequest.priority; the round's index when rounds overlap)."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        if turn_synchronous and on_group is not None:
-            raise ValueError("on_group needs the asynchronous loop: turn-synchronous groups all finish together")
+        if turn_synchronous and (on_group is not None or on_trajectory is not None):
+            raise ValueError("on_group and on_trajectory need the asynchronous loop: turn-synchronous trajectories "
+                             "end turn by turn together")
         per_prompt = list(seeds) if seeds is not None else [None] * len(prompts)
         started = time.perf_counter()
         skipped: list[SkippedPrompt] = []
@@ -577,7 +591,8 @@ class AgentLoop:
             trajectories = await self._run_lock_step(prompts, num_samples, skipped, finished, per_prompt, progress)
         else:
             async def prompt_group(index: int, prompt: Prompt, seed: int | None) -> list[Trajectory]:
-                group = await self._run_prompt(prompt, num_samples, skipped, finished, seed, progress)
+                group = await self._run_prompt(prompt, num_samples, skipped, finished, seed, progress, priority,
+                                               on_trajectory)
                 if on_group is not None and group:
                     on_group(index, group)
                 return group

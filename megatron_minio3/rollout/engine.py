@@ -85,10 +85,13 @@ def _cuda_available() -> bool:
 
 
 def engine_args_from_config(
-    cfg: RolloutConfig, model_path: str, max_images: int, *, external_launcher: bool = False
+    cfg: RolloutConfig, model_path: str, max_images: int, *, external_launcher: bool = False,
+    priority_scheduling: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of vllm.EngineArgs for this rollout configuration. `external_launcher`: the engine
-    spans tensor_parallel_size ranks of the caller's torch.distributed world (rollout/spmd.py)."""
+    spans tensor_parallel_size ranks of the caller's torch.distributed world (rollout/spmd.py).
+    `priority_scheduling`: requests are scheduled by GenerationRequest.priority (lower first), then by arrival;
+    otherwise by arrival alone (vLLM ignores the priority)."""
     args: dict[str, Any] = {
         "model": model_path,
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -103,6 +106,7 @@ def engine_args_from_config(
         "logprobs_mode": cfg.logprobs_mode,
         "enable_sleep_mode": cfg.enable_sleep_mode,
         "disable_log_stats": True,
+        "scheduling_policy": "priority" if priority_scheduling else "fcfs",
     }
     if cfg.kv_cache_memory_mb > 0:
         args["kv_cache_memory_bytes"] = cfg.kv_cache_memory_mb << 20
@@ -123,10 +127,13 @@ class VllmEngine:
     """One vLLM engine for the agent loop (implements agent_loop.GenerationEngine)."""
 
     def __init__(self, cfg: RolloutConfig, model_path: str | Path, *, max_images: int | None = None,
-                 group: EngineGroup | None = None, render_thread: bool | None = None):
+                 group: EngineGroup | None = None, render_thread: bool | None = None,
+                 priority_scheduling: bool = False):
         """`group`: this engine spans the ranks of an EngineGroup (rollout/spmd.py); every rank of the group
         constructs its VllmEngine at the same time. The leader serves `generate`; the others `follow`.
-        `render_thread`: render requests on a thread of their own (default: where CUDA is available)."""
+        `render_thread`: render requests on a thread of their own (default: where CUDA is available).
+        `priority_scheduling`: schedule by GenerationRequest.priority, then arrival (overlapping rounds: the
+        current round's turns go before the next round's); otherwise by arrival."""
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise ValueError(
                 "VLLM_ENABLE_V1_MULTIPROCESSING is set to a non-zero value; the rollout engine runs vLLM in "
@@ -143,7 +150,8 @@ class VllmEngine:
         self.group = group
         self._calls: list[tuple] = []  # engine calls since the last step, for the followers (leader only)
         self._engine_args = engine_args_from_config(cfg, self.model_path, max_images or cfg.max_images,
-                                                    external_launcher=group is not None)
+                                                    external_launcher=group is not None,
+                                                    priority_scheduling=priority_scheduling)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[str, _Pending] = {}
         self._failure: BaseException | None = None
@@ -298,7 +306,7 @@ class VllmEngine:
             started = time.perf_counter()
             self._pending[request_id] = pending
             try:
-                engine.add_request(request_id, rendered, params)
+                engine.add_request(request_id, rendered, params, priority=request.priority)
             except BaseException as exc:  # noqa: BLE001 - a bad request fails only its own caller
                 self._resolve(request_id, error=exc)
                 return
@@ -307,7 +315,7 @@ class VllmEngine:
             self._stats.requests += 1
             self._stats.images_sent += len(request.images)
             if self.group is not None:  # the followers render the request as given themselves
-                self._calls.append(("add", request_id, {**prompt}, params))
+                self._calls.append(("add", request_id, {**prompt}, params, request.priority))
 
         def render() -> None:
             started = time.perf_counter()
@@ -374,7 +382,8 @@ class VllmEngine:
                 calls = self.group.receive()
                 for call in calls:
                     if call[0] == "add":
-                        engine.add_request(*call[1:])
+                        request_id, prompt, params, priority = call[1:]
+                        engine.add_request(request_id, prompt, params, priority=priority)
                     elif call[0] == "abort":
                         engine.abort_request([call[1]])
                 if END in calls:

@@ -28,7 +28,7 @@ from megatron_minio3.config import Config, parse_cli
 from megatron_minio3.data.minio3_json import Prompt
 from megatron_minio3.trainer.checkpoint import CheckpointError, CheckpointManager
 from megatron_minio3.trainer.logging import PhaseTimer
-from megatron_minio3.trainer.step_plan import Collection
+from megatron_minio3.trainer.step_plan import Collection, collect_rounds
 from megatron_minio3.weights.probe import ProbePrompt
 
 logger = logging.getLogger(__name__)
@@ -262,14 +262,14 @@ class GRPOTrainer:
         """Generation rounds until train_batch_size groups with a learning signal are kept (dynamic sampling), at
         most trainer.max_generation_rounds of them."""
         cfg, dynamic = self.cfg.trainer, self.cfg.algorithm.dynamic_sampling
-        collection = Collection(cfg.train_batch_size, cfg.max_generation_rounds if dynamic else 1)
-        while collection.needs_another_round:
-            logger.info("step %d: generation round %d: %d prompts x %d samples (%d of %d groups kept so far)", step,
-                        collection.num_rounds + 1, cfg.prompts_per_round, self.cfg.rollout.n, len(collection.kept),
-                        cfg.train_batch_size)
+
+        def generate_round(prompts, round_index, next_prompts):
             with timer("generate"):
-                collection.add_round(self.workers.generate_round(self.sampler.next(cfg.prompts_per_round), step,
-                                                                 collection.num_rounds))
+                return self.workers.generate_round(prompts, step, round_index, next_prompts)
+
+        collection = collect_rounds(generate_round, self.sampler, cfg.train_batch_size,
+                                    cfg.max_generation_rounds if dynamic else 1, cfg.prompts_per_round,
+                                    cfg.overlap_rounds, step)
         check_rewards_available(collection, step)
         if not collection.full:
             logger.warning(collection.shortfall_warning(step, dynamic))

@@ -8,7 +8,8 @@ Metric names (all floats; one record per step):
                             reward/mean, reward/accuracy, reward/<data_source>/mean, .../accuracy, .../num_failed
     rollout/...             turns, tool calls and errors, exceed/void/truncated rates, generated tokens, throughput;
                             per data source as rollout/<data_source>/... (rollout.agent_loop.rollout_metrics_by_source);
-                            rollout/tail_s: the last trajectory's finish minus the median one, summed over rounds
+                            rollout/tail_s: the last trajectory's finish minus the median one, summed over rounds;
+                            rollout/early_s: how long rounds ran before the driver asked for them (overlap_rounds)
     rollout/engine/...      why generation took what it took (rollout.engine.EngineStats): busy_share (the engines'
                             time stepping, adding and rendering requests over their wall time), prefix_cache_hit_rate
                             and _later_turns (prompt tokens found in vLLM's prefix cache), encoder_cache_hit_rate

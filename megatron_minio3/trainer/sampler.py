@@ -44,6 +44,14 @@ class PromptSampler:
             self.state.offset += take
         return out
 
+    def peek(self, count: int) -> list[Prompt]:
+        """The prompts `next(count)` would hand out, without handing them out (a round started early)."""
+        state, order = SamplerState(**asdict(self.state)), self._order
+        try:
+            return self.next(count)
+        finally:
+            self.state, self._order = state, order
+
     def state_dict(self) -> dict:
         return asdict(self.state)
 

@@ -14,6 +14,7 @@ workers/placement.py).
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from megatron_minio3.config.schema import ParallelConfig
 from megatron_minio3.packing.minibatch import balance_data_parallel
 from megatron_minio3.rewards.types import RewardResult
 from megatron_minio3.rollout.trajectory import TrajectorySummary
+
+logger = logging.getLogger(__name__)
 
 SeqKey = tuple[int, int, int]  # (rollout handle, group id on that handle, sample index)
 
@@ -68,6 +71,7 @@ class RoundSummary:
     reward_s: float = 0.0  # waiting for rewards after the last trajectory (groups are scored as they complete)
     tail_s: float = 0.0  # the last trajectory's finish minus the median finish (agent_loop.tail_seconds)
     engine_stats: list = field(default_factory=list)  # one rollout.engine.EngineStats per engine of the handle
+    early_s: float = 0.0  # how long the round ran before it was asked for (started early: trainer.overlap_rounds)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Collection:
     generate_s: float = 0.0
     reward_s: float = 0.0
     tail_s: float = 0.0  # summed over rounds (each round's slowest handle)
+    early_s: float = 0.0  # summed over rounds (each round's earliest-started handle): generation hidden by overlap
     engine_stats: object = None  # rollout.engine.EngineStats summed over engines and rounds
     engine_wall_s: float = 0.0  # the wall time of those engines, summed likewise
 
@@ -118,6 +123,7 @@ class Collection:
         self.generate_s += max((r.wall_s for r in per_handle), default=0.0)
         self.reward_s += max((r.reward_s for r in per_handle), default=0.0)
         self.tail_s += max((r.tail_s for r in per_handle), default=0.0)
+        self.early_s += max((r.early_s for r in per_handle), default=0.0)
         for summary in per_handle:
             for stats in summary.engine_stats:
                 self.engine_stats = stats if self.engine_stats is None else self.engine_stats.add(stats)
@@ -147,6 +153,7 @@ class Collection:
             **(reward_metrics_by_source(self.samples, [s.reward for s in self.samples]) if self.samples else {}),
             "rollout/reward_s": self.reward_s,
             "rollout/tail_s": self.tail_s,
+            "rollout/early_s": self.early_s,
             **(self.engine_stats.metrics(self.engine_wall_s) if self.engine_stats is not None else {}),
             "sampling/num_rounds": float(self.num_rounds),
             "sampling/num_groups": float(self.num_groups),
@@ -155,6 +162,25 @@ class Collection:
             "sampling/num_dropped_no_reward_spread": float(self.dropped["no_reward_spread"]),
             "sampling/num_dropped_reward_failed": float(self.dropped["reward_failed"]),
         }
+
+
+def collect_rounds(generate_round, sampler, batch_size: int, max_rounds: int, prompts_per_round: int,
+                   overlap_rounds: bool = False, step: int = 0) -> Collection:
+    """A step's generation rounds (the driver's decisions): rounds of `prompts_per_round` prompts from `sampler`
+    until `batch_size` groups are kept, at most `max_rounds` of them. `generate_round(prompts, round_index,
+    next_prompts)` runs a round on the rollout handles and returns their RoundSummary list; with `overlap_rounds`
+    it is also given the next round's prompts (sampler.peek: the sampler advances only when that round is asked
+    for), which the handles may start early. Rounds are taken in order either way, so the kept groups are the
+    same with overlap or without."""
+    collection = Collection(batch_size, max_rounds)
+    while collection.needs_another_round:
+        logger.info("step %d: generation round %d: %d prompts (%d of %d groups kept so far)", step,
+                    collection.num_rounds + 1, prompts_per_round, len(collection.kept), batch_size)
+        prompts = sampler.next(prompts_per_round)
+        upcoming = (sampler.peek(prompts_per_round)
+                    if overlap_rounds and collection.num_rounds + 1 < collection.max_rounds else None)
+        collection.add_round(generate_round(prompts, collection.num_rounds, upcoming))
+    return collection
 
 
 @dataclass(frozen=True)

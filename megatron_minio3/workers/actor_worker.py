@@ -155,9 +155,10 @@ class ActorWorker(RankWorker):
 
     # ------------------------------------------------------------------ rollout (engine ranks, hybrid)
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary:
+    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None,
+                       next_round: tuple[Sequence[Prompt], Sequence[int]] | None = None) -> RoundSummary:
         self._enter("rollout")
-        return self.rollout.generate_round(prompts, step, seeds)
+        return self.rollout.generate_round(prompts, step, seeds, next_round)
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]):
         shares = self.rollout.take_training_shares(requests)

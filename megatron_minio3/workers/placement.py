@@ -38,13 +38,30 @@ class RolloutHandle(Protocol):
     """The methods of a rollout handle (an engine-leading ActorWorker in hybrid placement, a RolloutWorker in
     separate placement) that TrainingWorkers calls through Ray; both classes implement them."""
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary: ...
+    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None,
+                       next_round: tuple[Sequence[Prompt], Sequence[int]] | None = None) -> RoundSummary: ...
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]) -> Any: ...  # one value per dp rank
 
     def probe_rollout(self) -> list[list[ProbeSequence]]: ...
 
     def evaluate(self, output_dir: str, step: int) -> dict: ...
+
+
+def round_shares(rollout_seed: int, prompts: Sequence[Prompt], step: int, round_index: int,
+                 next_prompts: Sequence[Prompt] | None, num_handles: int) -> list[tuple]:
+    """generate_round's arguments for each rollout handle: (its prompts, step, their seeds, the next round's
+    (prompts, seeds) or None). Prompts are dealt out in turn; every prompt's sampling seed comes from its place in
+    the round before the split (rollout/seeds.py), so the same round gives the same samples on any number of
+    handles."""
+    from megatron_minio3.rollout.seeds import round_prompt_seeds
+
+    seeds = round_prompt_seeds(rollout_seed, step, round_index, [p.uid for p in prompts])
+    upcoming = [None] * num_handles
+    if next_prompts is not None:
+        next_seeds = round_prompt_seeds(rollout_seed, step, round_index + 1, [p.uid for p in next_prompts])
+        upcoming = [(list(next_prompts[i::num_handles]), next_seeds[i::num_handles]) for i in range(num_handles)]
+    return [(list(prompts[i::num_handles]), step, seeds[i::num_handles], upcoming[i]) for i in range(num_handles)]
 
 
 class WorkerCrashed(RuntimeError):
@@ -187,14 +204,12 @@ class TrainingWorkers:
 
     # ---------------------------------------------------------------- a step
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int, round_index: int = 0) -> list[RoundSummary]:
-        """Prompts split evenly over the rollout handles; each returns the summaries of its groups. Every prompt
-        gets its sampling seed from its place in the round before the split (rollout/seeds.py)."""
-        from megatron_minio3.rollout.seeds import round_prompt_seeds
-
-        num = len(self.rollout)
-        seeds = round_prompt_seeds(self.cfg.rollout.seed, step, round_index, [p.uid for p in prompts])
-        return self._on_handles("generate_round", [(list(prompts[i::num]), step, seeds[i::num]) for i in range(num)])
+    def generate_round(self, prompts: Sequence[Prompt], step: int, round_index: int = 0,
+                       next_prompts: Sequence[Prompt] | None = None) -> list[RoundSummary]:
+        """Prompts split evenly over the rollout handles (round_shares); each returns the summaries of its
+        groups. `next_prompts` (trainer.overlap_rounds): the next round, which the handles may start early."""
+        shares = round_shares(self.cfg.rollout.seed, prompts, step, round_index, next_prompts, len(self.rollout))
+        return self._on_handles("generate_round", shares)
 
     def train(self, plan: StepPlan) -> dict[str, float]:
         """Every handle sends each data-parallel rank its sequences (object refs, never through here); every

@@ -21,7 +21,9 @@ import dataclasses
 import itertools
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from collections.abc import Sequence
 
@@ -59,7 +61,8 @@ class RolloutRuntime:
         self.group = group
         self._asleep: set[str] = set()  # what the engines' sleep freed
         self.engines = [
-            VllmEngine(rollout_cfg, cfg.model, max_images=max_images, group=group)
+            VllmEngine(rollout_cfg, cfg.model, max_images=max_images, group=group,
+                       priority_scheduling=cfg.trainer.overlap_rounds)
             for _ in range(rollout_cfg.num_engines)
         ]
         self.leads = group is None or group.is_leader
@@ -84,6 +87,12 @@ class RolloutRuntime:
         self._group_ids = itertools.count()  # numbered from 0 in every step: a resumed step numbers them alike
         self._step = None
         self._round = 0
+        # Rounds run on this event loop, in a thread of its own, so that a round started early (overlap_rounds)
+        # keeps generating between the controller's calls.
+        self._aloop = asyncio.new_event_loop()
+        threading.Thread(target=self._aloop.run_forever, name="rollout-loop", daemon=True).start()
+        self._early: _RoundRun | None = None  # the next round, started early
+        self._rounds_on_loop = 0
 
     # ------------------------------------------------------------------ one step's data
 
@@ -101,13 +110,16 @@ class RolloutRuntime:
         for engine in self.engines:
             engine.follow()
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary:
+    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None,
+                       next_round: tuple[Sequence[Prompt], Sequence[int]] | None = None) -> RoundSummary:
         """Roll out rollout.n samples of each prompt, score and group them; keep the groups with a learning
         signal until take_training_shares; return their summaries (step is 1-based, for reward schedules).
         `seeds`: each prompt's base sampling seed (rollout/seeds.py). The group size and the per-turn token limit
-        are the trainer.stages schedule's at this step (the driver computes the same, for its logs)."""
+        are the trainer.stages schedule's at this step (the driver computes the same, for its logs).
+        `next_round` (trainer.overlap_rounds): the next round's (prompts, seeds); it starts once
+        trainer.overlap_rounds_at of this round's trajectories have ended and keeps running after this call
+        returns. If the next call asks for exactly that round, it takes it over; any other call drops it."""
         from megatron_minio3.trainer.batch import group_by_prompt, groups_to_keep, summarize_group
-        from megatron_minio3.trainer.eval import to_reward_input
 
         cfg = self.cfg
         if step != self._step:  # a new step: the groups of the last one (a step that trained on none) are gone
@@ -118,38 +130,29 @@ class RolloutRuntime:
         else:
             self._round += 1
         stage = cfg.trainer.stage_at(step, cfg.rollout.n, cfg.rollout.max_tokens_per_turn)
-        self.loop.limits = dataclasses.replace(self._training_limits, max_tokens_per_turn=stage.max_tokens_per_turn)
-
-        async def generate_and_score():
-            """Each group is scored as soon as it is complete, while the others generate (an LLM judge's calls
-            overlap generation); returns the batch, the results in trajectory order and the seconds spent waiting
-            for rewards after the last trajectory (the part of scoring that is still on the critical path)."""
-            scoring: list[tuple[list, asyncio.Task]] = []  # (a group's trajectories, their scoring)
-
-            def score_group(index, group):
-                scoring.append((group, asyncio.create_task(self.reward.score(
-                    [to_reward_input(traj) for traj in group], validation=False, step=step - 1,
-                    total_steps=cfg.trainer.total_steps))))
-
-            try:
-                batch = await self.loop.run(prompts, stage.n, seeds=seeds, on_group=score_group,
-                                            progress_label=f"step {step} generation round {self._round + 1}")
-                generated = time.perf_counter()
-                scored = await asyncio.gather(*(task for _, task in scoring))
-                result_of = {id(traj): result for (group, _), results in zip(scoring, scored)
-                             for traj, result in zip(group, results, strict=True)}
-                results = [result_of[id(traj)] for traj in batch.trajectories]  # groups finish in any order
-                return batch, results, time.perf_counter() - generated
-            finally:
-                for _, task in scoring:
-                    task.cancel()
-                await self.reward.aclose()
-
+        called = time.perf_counter()
         with self._phase():
             for engine in self.engines:
                 engine.stats(reset=True)
-            batch, results, reward_wait_s = asyncio.run(generate_and_score())
+            run, self._early = self._early, None
+            if run is None or run.key != _round_key(step, self._round, prompts, seeds):
+                self._drop(run)
+                self.loop.limits = dataclasses.replace(self._training_limits,
+                                                       max_tokens_per_turn=stage.max_tokens_per_turn)
+                run = self._call_on_loop(self._start_round, prompts, step, self._round, seeds, stage.n)
+            if next_round is not None:
+                next_prompts, next_seeds = next_round
+                self._call_on_loop(run.arm, lambda: self._start_early(next_prompts, step, run.round_index + 1,
+                                                                      next_seeds, stage.n),
+                                   cfg.trainer.overlap_rounds_at)
+            try:
+                batch, results, generated = self._result(run)
+            except BaseException:
+                self.drop_early_round()
+                raise
             engine_stats = [engine.stats(reset=True) for engine in self.engines]
+        reward_wait_s = time.perf_counter() - max(generated, called)
+        early_s = max(called - run.started, 0.0)
         drop = self.reward.drop_mask(results, validation=False)
         groups = group_by_prompt(batch.trajectories, results)
         summaries = []
@@ -167,8 +170,85 @@ class RolloutRuntime:
         every = cfg.trainer.dump_rollouts_every
         if every and step % every == 0 and batch.trajectories:
             self._dump(step, groups, [s.keep for s in summaries])
-        return RoundSummary(summaries, [s.reason for s in batch.skipped], batch.wall_s, reward_wait_s,
-                            tail_s=batch.tail_s, engine_stats=engine_stats)
+        return RoundSummary(summaries, [s.reason for s in batch.skipped], max(generated - max(run.started, called), 0.0),
+                            reward_wait_s, tail_s=batch.tail_s, engine_stats=engine_stats, early_s=early_s)
+
+    # ------------------------------------------------------------------ rounds on the runtime's event loop
+
+    def _call_on_loop(self, function, *args):
+        """function(*args) on the runtime's event loop; its result, in the calling thread."""
+        async def call():
+            return function(*args)
+
+        return asyncio.run_coroutine_threadsafe(call(), self._aloop).result()
+
+    def _result(self, run: _RoundRun):
+        """Wait in the calling thread for a round running on the event loop; its result or its error."""
+        async def wait():
+            return await run.task
+
+        return asyncio.run_coroutine_threadsafe(wait(), self._aloop).result()
+
+    def _start_round(self, prompts: Sequence[Prompt], step: int, round_index: int, seeds: Sequence[int] | None,
+                     n: int) -> _RoundRun:
+        """On the event loop: a round's generation and scoring as a task of the loop."""
+        run = _RoundRun(_round_key(step, round_index, prompts, seeds), round_index, len(prompts) * n)
+        run.task = asyncio.ensure_future(self._generate_and_score(run, prompts, step, seeds, n))
+        return run
+
+    def _start_early(self, prompts: Sequence[Prompt], step: int, round_index: int, seeds: Sequence[int],
+                     n: int) -> None:
+        """On the event loop: start the next round while this one's stragglers finish (trainer.overlap_rounds)."""
+        logger.info("step %d: generation round %d starts early (%d prompts) while round %d finishes", step,
+                    round_index + 1, len(prompts), round_index)
+        self._early = self._start_round(prompts, step, round_index, seeds, n)
+
+    async def _generate_and_score(self, run: _RoundRun, prompts: Sequence[Prompt], step: int,
+                                  seeds: Sequence[int] | None, n: int):
+        """Each group is scored as soon as it is complete, while the others generate (an LLM judge's calls overlap
+        generation); returns the batch, the results in trajectory order and when the last trajectory ended."""
+        from megatron_minio3.trainer.eval import to_reward_input
+
+        cfg = self.cfg
+        scoring: list[tuple[list, asyncio.Task]] = []  # (a group's trajectories, their scoring)
+
+        def score_group(index, group):
+            scoring.append((group, asyncio.create_task(self.reward.score(
+                [to_reward_input(traj) for traj in group], validation=False, step=step - 1,
+                total_steps=cfg.trainer.total_steps))))
+
+        self._rounds_on_loop += 1
+        try:
+            batch = await self.loop.run(prompts, n, seeds=seeds, on_group=score_group,
+                                        on_trajectory=run.trajectory_ended, priority=run.round_index,
+                                        progress_label=f"step {step} generation round {run.round_index + 1}")
+            generated = time.perf_counter()
+            scored = await asyncio.gather(*(task for _, task in scoring))
+            result_of = {id(traj): result for (group, _), results in zip(scoring, scored)
+                         for traj, result in zip(group, results, strict=True)}
+            results = [result_of[id(traj)] for traj in batch.trajectories]  # groups finish in any order
+            return batch, results, generated
+        finally:
+            for _, task in scoring:
+                task.cancel()
+            self._rounds_on_loop -= 1
+            if not self._rounds_on_loop:  # connections stay open while another round still scores
+                await self.reward.aclose()
+
+    def _drop(self, run: _RoundRun | None) -> None:
+        """Cancel a round that was started early and not asked for; its requests are aborted in the engines."""
+        if run is None:
+            return
+        self._call_on_loop(run.task.cancel)
+        with contextlib.suppress(BaseException):
+            self._result(run)
+        logger.info("generation round %d, started early, was not needed: dropped (%d of %d trajectories had ended)",
+                    run.round_index + 1, run.ended, run.total)
+
+    def drop_early_round(self) -> None:
+        """The step's generation is over: a round started early and still running is dropped."""
+        run, self._early = self._early, None
+        self._drop(run)
 
     def _dump(self, step: int, groups: Sequence[SampleGroup], kept: Sequence[bool]) -> None:
         """trainer.dump_rollouts_every: this round's trajectories to <output_dir>/rollouts/step_N, one file per
@@ -194,6 +274,7 @@ class RolloutRuntime:
         rank and forgets every group of the step (the ones not asked for were not needed)."""
         from megatron_minio3.trainer.batch import training_sequences
 
+        self.drop_early_round()  # the controller has its batch
         needed = {key[1] for keys in requests for key in keys}
         missing = needed - set(self._groups)
         if missing or any(key[0] != self.handle for keys in requests for key in keys):
@@ -212,6 +293,7 @@ class RolloutRuntime:
     def probe_rollout(self) -> list[list[ProbeSequence]]:
         """Greedy two-turn probe sequences on every engine of this handle (weights.probe_*), one list per engine."""
         assert self.probe is not None, "probe_rollout without probe prompts"
+        self.drop_early_round()
         with self._phase():
             return [asyncio.run(self.probe.rollout(engine, self.loop)) for engine in self.engines]
 
@@ -221,6 +303,7 @@ class RolloutRuntime:
         as at the first step)."""
         from megatron_minio3.trainer.eval import evaluate
 
+        self.drop_early_round()
         cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, output_dir=output_dir))
         with self._phase():
             return evaluate(cfg, engines=self.engines, step=max(step - 1, 0), total_steps=cfg.trainer.total_steps)
@@ -228,6 +311,8 @@ class RolloutRuntime:
     def sleep(self, level: int) -> None:
         """Free the engines' accelerator memory (rollout.enable_sleep_mode; a no-op where unsupported):
         level 1 moves the weights to host and drops the KV cache, level 2 drops both."""
+        if self.leads:
+            self.drop_early_round()
         if self._asleep:
             return
         if all([engine.sleep(level) for engine in self.engines]):
@@ -242,6 +327,9 @@ class RolloutRuntime:
             self._asleep -= set(waking)
 
     def shutdown(self) -> None:
+        if self.leads:
+            self.drop_early_round()
+            self._aloop.call_soon_threadsafe(self._aloop.stop)
         for engine in self.engines:
             engine.shutdown()
 
@@ -254,8 +342,9 @@ class RolloutWorker:
         self.runtime = RolloutRuntime(cfg, probe_prompts, handle=handle)
         self.weight_group = None
 
-    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None) -> RoundSummary:
-        return self.runtime.generate_round(prompts, step, seeds)
+    def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None,
+                       next_round: tuple[Sequence[Prompt], Sequence[int]] | None = None) -> RoundSummary:
+        return self.runtime.generate_round(prompts, step, seeds, next_round)
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]):
         shares = self.runtime.take_training_shares(requests)
@@ -278,6 +367,7 @@ class RolloutWorker:
         from megatron_minio3.weights.sync import receive_buckets
 
         assert self.weight_group is not None, "receive_weights before join_weight_group"
+        self.runtime.drop_early_round()  # update_weights needs the engines idle
         bucket_bytes = min(engine.cfg.weight_bucket_mb for engine in self.runtime.engines) << 20
         num_tensors = 0
         for named_tensors in receive_buckets(self.weight_group, bucket_bytes):
@@ -287,3 +377,36 @@ class RolloutWorker:
 
     def shutdown(self) -> None:
         self.runtime.shutdown()
+
+
+def _round_key(step: int, round_index: int, prompts: Sequence[Prompt], seeds: Sequence[int] | None) -> tuple:
+    """What identifies a round: a round started early is taken over only by a call asking for exactly it."""
+    return step, round_index, tuple(prompt.uid for prompt in prompts), None if seeds is None else tuple(seeds)
+
+
+@dataclasses.dataclass(eq=False)
+class _RoundRun:
+    """A generation round running as a task of the runtime's event loop (its fields are touched on that loop)."""
+
+    key: tuple
+    round_index: int
+    total: int  # trajectories of the round (a skipped prompt's samples end at once)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    task: asyncio.Task | None = None
+    ended: int = 0
+    start_next: Callable[[], None] | None = None
+    start_next_at: float = 1.0
+
+    def trajectory_ended(self) -> None:
+        self.ended += 1
+        self._start_next_if_due()
+
+    def arm(self, start_next: Callable[[], None], at: float) -> None:
+        """Call start_next once `at` of the round's trajectories have ended (now, if they already have)."""
+        self.start_next, self.start_next_at = start_next, at
+        self._start_next_if_due()
+
+    def _start_next_if_due(self) -> None:
+        if self.start_next is not None and self.ended >= self.start_next_at * self.total:
+            start, self.start_next = self.start_next, None
+            start()

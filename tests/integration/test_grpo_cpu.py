@@ -187,7 +187,8 @@ LAYOUTS = {  # hybrid placement: one vLLM engine in every actor rank (rollout.te
 ENGINES = {"single": 1, "tp2": 2, "dp2": 2, "pp2": 2, "tp2-engine-tp2": 1, "cp2": 2}
 
 
-def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, resume_layout: str) -> None:
+def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, resume_layout: str,
+                          **first_extra) -> None:
     """2 GRPO steps at `layout` with the actor's state offloaded between phases, then a third step resumed from the
     checkpoint at `resume_layout` (state kept resident): real rollouts on every engine, rewards, updates and a
     sync into every engine each step, checked by the probe on every engine; the resumed run continues the
@@ -196,7 +197,7 @@ def two_steps_then_resume(tiny_hf_dir, dataset, out: Path, capsys, layout: str, 
     # actor params, grads and Adam state parked on host while the engines generate (host-to-host here)
     # TensorBoard beside the console and metrics.jsonl; the trajectories of step 2 dumped by every rollout handle
     first = {"trainer.total_steps": 2, "actor.offload_to_host_between_phases": True, **LAYOUTS[layout],
-             "trainer.loggers": "[console,jsonl,tensorboard]", "trainer.dump_rollouts_every": 2}
+             "trainer.loggers": "[console,jsonl,tensorboard]", "trainer.dump_rollouts_every": 2, **first_extra}
     train(overrides(tiny_hf_dir, dataset, out, **first), capsys)
     check_rollout_dump(out / "rollouts", engines[layout])
     records = read_metrics(out / "metrics.jsonl")
@@ -308,8 +309,11 @@ def check_rollout_dump(root: Path, num_handles: int) -> None:
 
 
 def test_hybrid_dp2_two_steps_then_resume_on_one_rank(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys):
-    """Two actor ranks, each with its own engine (rollout data parallelism 2); resumed by a single rank."""
-    two_steps_then_resume(tiny_hf_dir, dataset, tmp_path / "run", capsys, "dp2", "single")
+    """Two actor ranks, each with its own engine (rollout data parallelism 2); resumed by a single rank. The first
+    run overlaps generation rounds (each handle starts the next round early and drops it when the batch is full):
+    the prompts handed out still follow the rounds asked for (checked against the sampler at the end)."""
+    two_steps_then_resume(tiny_hf_dir, dataset, tmp_path / "run", capsys, "dp2", "single",
+                          **{"trainer.overlap_rounds": True})
 
 
 @pytest.mark.slow

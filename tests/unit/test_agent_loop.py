@@ -435,5 +435,20 @@ def test_a_complete_group_is_handed_over_while_others_still_generate(tokenizer, 
     assert [(index, uids) for index, uids, _ in handed] == [(1, ["ds/fast", "ds/fast"]), (0, ["ds/slow", "ds/slow"])]
     assert handed[0][2] < done["ds/slow"] <= handed[1][2]
     assert [t.uid for t in batch.trajectories] == ["ds/slow", "ds/slow", "ds/fast", "ds/fast"]  # prompt order
-    with pytest.raises(ValueError, match="on_group needs the asynchronous loop"):
+    with pytest.raises(ValueError, match="on_group and on_trajectory need the asynchronous loop"):
         run(make_loop(tokenizer, vision, [engine]), prompts, turn_synchronous=True, on_group=lambda i, g: None)
+
+
+def test_on_trajectory_counts_every_sample_and_requests_carry_the_priority(tokenizer, vision, image_file, tmp_path):
+    """on_trajectory is called once per sample (a skipped prompt's samples at once), and every request of the run
+    carries its priority (the round's index when rounds overlap)."""
+    ended = []
+    engine = ScriptedEngine(tokenizer, lambda r, t: (zoom(), "stop") if t < 1 else (ANSWER, "stop"))
+    prompts = [prompt_for(image_file, uid="ds/a"), prompt_for(tmp_path / "missing.png", uid="ds/missing")]
+    batch = run(make_loop(tokenizer, vision, [engine]), prompts, n=3, priority=2,
+                on_trajectory=lambda: ended.append(len(ended)))
+    assert len(batch.trajectories) == 3 and len(batch.skipped) == 1
+    assert len(ended) == 6
+    assert len(engine.requests) == 6 and {r.priority for r in engine.requests} == {2}
+    with pytest.raises(ValueError, match="on_group and on_trajectory need the asynchronous loop"):
+        run(make_loop(tokenizer, vision, [engine]), prompts, turn_synchronous=True, on_trajectory=lambda: None)

@@ -151,6 +151,44 @@ def test_sampler_resumes_exactly_where_it_stopped():
         PromptSampler(prompts(6), seed=3).load_state_dict(first.state_dict())
 
 
+def test_sampler_peek_hands_out_nothing():
+    sampler, reference = PromptSampler(prompts(5), seed=3), PromptSampler(prompts(5), seed=3)
+    sampler.next(4)
+    reference.next(4)
+    ahead = [p.uid for p in sampler.peek(3)]  # crosses the epoch boundary
+    assert sampler.state_dict() == reference.state_dict()
+    assert [p.uid for p in sampler.next(3)] == ahead == [p.uid for p in reference.next(3)]
+
+
+def test_collect_rounds_offers_the_next_round_and_advances_only_for_rounds_asked_for():
+    """The driver's round loop: with overlap each round is offered the next one's prompts (not after the last round
+    allowed); the sampler and the kept groups end where they do without overlap."""
+    from megatron_minio3.trainer.step_plan import GroupSummary, RoundSummary, collect_rounds
+
+    def run(overlap: bool, max_rounds: int):
+        sampler, calls = PromptSampler(prompts(7), seed=1), []
+
+        def generate_round(round_prompts, round_index, next_prompts):
+            calls.append(([p.uid for p in round_prompts], round_index, next_prompts and [p.uid for p in next_prompts]))
+            keep = round_index % 2 == 1  # every other round's groups have a learning signal
+            return [RoundSummary([GroupSummary(0, round_index * 2 + i, p.uid, (), keep, "" if keep else "no_reward_spread")
+                                  for i, p in enumerate(round_prompts)], [], 1.0)]
+
+        collection = collect_rounds(generate_round, sampler, 4, max_rounds, 2, overlap)
+        return collection, sampler.state_dict(), calls
+
+    plain, overlapped = run(False, 8), run(True, 8)
+    assert [g.uid for g in overlapped[0].kept] == [g.uid for g in plain[0].kept] and len(plain[0].kept) == 4
+    assert overlapped[1] == plain[1] and overlapped[0].num_rounds == plain[0].num_rounds == 4
+    assert [c[:2] for c in overlapped[2]] == [c[:2] for c in plain[2]]
+    assert all(c[2] is None for c in plain[2])
+    rounds = overlapped[2]
+    assert all(rounds[i][2] == rounds[i + 1][0] for i in range(len(rounds) - 1))  # the next round offered is the one run
+    assert rounds[-1][2] is not None  # offered, not asked for: the handles drop it
+    _, _, capped = run(True, 3)  # the last round allowed is offered nothing
+    assert [c[2] is None for c in capped] == [False, False, True]
+
+
 def trajectory(uid: str, sample_index: int) -> Trajectory:
     return Trajectory(
         uid=uid, sample_index=sample_index, data_source="src", question="q", ground_truth="A", verifier=None,
