@@ -212,7 +212,7 @@ class TrainerConfig:
     # stragglers finish; the engines run the current round's turns first (priority scheduling). The controller
     # still takes rounds in order: a round started early is used as the next round if one is needed and dropped
     # (its requests aborted, the sampler not advanced) if the batch is full, so the kept groups are the same as
-    # without overlap. Not for engines spanning several actor ranks (hybrid, rollout.tensor_parallel_size > 1).
+    # without overlap.
     overlap_rounds: bool = False
     overlap_rounds_at: float = 0.5
     # hybrid: the vLLM engines live in the actor's process (one actor rank; the CPU default);
@@ -350,12 +350,6 @@ class Config:
                 if getattr(self.trainer, name) != getattr(defaults, name):
                     raise ValueError(f"trainer.{name} applies to dynamic sampling (algorithm.dynamic_sampling=true); "
                                      "without it a step makes one generation round of train_batch_size prompts")
-        if (self.trainer.overlap_rounds and self.trainer.rollout_placement == "hybrid"
-                and self.rollout.tensor_parallel_size > 1):
-            raise ValueError(f"trainer.overlap_rounds=true with rollout.tensor_parallel_size="
-                             f"{self.rollout.tensor_parallel_size} in hybrid placement: an engine spanning several "
-                             "actor ranks cannot keep generating between the controller's calls; turn overlap_rounds "
-                             "off, or use rollout.tensor_parallel_size=1 or trainer.rollout_placement=separate")
         if self.trainer.rollout_placement == "hybrid" and self.trainer.num_rollout_workers != 1:
             raise ValueError("trainer.num_rollout_workers applies to trainer.rollout_placement=separate; with hybrid "
                              "the engines live in the actor ranks (rollout data parallelism = ranks / "

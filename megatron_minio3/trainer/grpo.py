@@ -267,9 +267,13 @@ class GRPOTrainer:
             with timer("generate"):
                 return self.workers.generate_round(prompts, step, round_index, next_prompts)
 
-        collection = collect_rounds(generate_round, self.sampler, cfg.train_batch_size,
-                                    cfg.max_generation_rounds if dynamic else 1, cfg.prompts_per_round,
-                                    cfg.overlap_rounds, step)
+        try:
+            collection = collect_rounds(generate_round, self.sampler, cfg.train_batch_size,
+                                        cfg.max_generation_rounds if dynamic else 1, cfg.prompts_per_round,
+                                        cfg.overlap_rounds, step)
+        finally:
+            if cfg.overlap_rounds:
+                self.workers.end_generation()
         check_rewards_available(collection, step)
         if not collection.full:
             logger.warning(collection.shortfall_warning(step, dynamic))

@@ -160,6 +160,9 @@ class ActorWorker(RankWorker):
         self._enter("rollout")
         return self.rollout.generate_round(prompts, step, seeds, next_round)
 
+    def end_generation(self) -> None:
+        self.rollout.end_generation()
+
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]):
         shares = self.rollout.take_training_shares(requests)
         return shares[0] if len(shares) == 1 else tuple(shares)  # one Ray return value per data-parallel rank

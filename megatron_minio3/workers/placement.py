@@ -41,6 +41,8 @@ class RolloutHandle(Protocol):
     def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None,
                        next_round: tuple[Sequence[Prompt], Sequence[int]] | None = None) -> RoundSummary: ...
 
+    def end_generation(self) -> None: ...
+
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]) -> Any: ...  # one value per dp rank
 
     def probe_rollout(self) -> list[list[ProbeSequence]]: ...
@@ -191,6 +193,9 @@ class TrainingWorkers:
     rollout_workers: list = field(default_factory=list)  # separate placement
     followers: list = field(default_factory=list)  # hybrid, R > 1: the other ranks of each handle's engine
     follower_handles: list = field(default_factory=list)  # the handle each follower belongs to
+    # trainer.overlap_rounds: the followers follow a step's whole generation (their `follow` calls, in flight from
+    # the step's first round until end_generation), since a round started early runs between the driver's calls
+    _following: list | None = None
 
     def _on_handles(self, method: str, per_handle_args: Sequence[tuple]) -> list:
         """`method` on every rollout handle (its own arguments each); the ranks that share a handle's engine
@@ -209,7 +214,18 @@ class TrainingWorkers:
         """Prompts split evenly over the rollout handles (round_shares); each returns the summaries of its
         groups. `next_prompts` (trainer.overlap_rounds): the next round, which the handles may start early."""
         shares = round_shares(self.cfg.rollout.seed, prompts, step, round_index, next_prompts, len(self.rollout))
-        return self._on_handles("generate_round", shares)
+        if not self.cfg.trainer.overlap_rounds:
+            return self._on_handles("generate_round", shares)
+        if self._following is None:
+            self._following = [w.follow.remote("generate_round") for w in self.followers]
+        return _get([h.generate_round.remote(*args) for h, args in zip(self.rollout, shares)], "rollout.generate_round")
+
+    def end_generation(self) -> None:
+        """The step's generation is over: every handle drops a round it started early (overlap_rounds) and releases
+        the ranks following its engine."""
+        _get([h.end_generation.remote() for h in self.rollout], "rollout.end_generation")
+        following, self._following = self._following or [], None
+        _get(following, "rollout.generate_round (following)")
 
     def train(self, plan: StepPlan) -> dict[str, float]:
         """Every handle sends each data-parallel rank its sequences (object refs, never through here); every

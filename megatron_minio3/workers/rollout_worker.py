@@ -97,13 +97,18 @@ class RolloutRuntime:
     # ------------------------------------------------------------------ one step's data
 
     @contextlib.contextmanager
-    def _phase(self):
-        """A rollout phase on the leader: the followers are released when it ends, however it ends."""
+    def _phase(self, release: bool = True):
+        """A rollout phase on the leader: the followers are released when it ends, however it ends (with
+        `release`; a generation round with overlap_rounds leaves that to end_generation)."""
         try:
             yield
         finally:
-            for engine in self.engines:
-                engine.release_followers()
+            if release:
+                self._release_followers()
+
+    def _release_followers(self) -> None:
+        for engine in self.engines:
+            engine.release_followers()
 
     def follow(self) -> None:
         """Follower: mirror the leader's engine through one phase (generate_round, probe_rollout, evaluate)."""
@@ -131,7 +136,9 @@ class RolloutRuntime:
             self._round += 1
         stage = cfg.trainer.stage_at(step, cfg.rollout.n, cfg.rollout.max_tokens_per_turn)
         called = time.perf_counter()
-        with self._phase():
+        # with overlap_rounds the followers follow the step's whole generation: a round started early runs between
+        # calls (TrainingWorkers.generate_round, end_generation)
+        with self._phase(release=not cfg.trainer.overlap_rounds):
             for engine in self.engines:
                 engine.stats(reset=True)
             run, self._early = self._early, None
@@ -246,9 +253,17 @@ class RolloutRuntime:
                     run.round_index + 1, run.ended, run.total)
 
     def drop_early_round(self) -> None:
-        """The step's generation is over: a round started early and still running is dropped."""
+        """A round started early and still running is dropped (the engines must be idle for what comes next)."""
         run, self._early = self._early, None
         self._drop(run)
+
+    def end_generation(self) -> None:
+        """The step's generation is over (the driver says so with overlap_rounds): drop a round started early,
+        then release the ranks following the engines, which followed the whole generation."""
+        try:
+            self.drop_early_round()
+        finally:
+            self._release_followers()
 
     def _dump(self, step: int, groups: Sequence[SampleGroup], kept: Sequence[bool]) -> None:
         """trainer.dump_rollouts_every: this round's trajectories to <output_dir>/rollouts/step_N, one file per
@@ -345,6 +360,9 @@ class RolloutWorker:
     def generate_round(self, prompts: Sequence[Prompt], step: int, seeds: Sequence[int] | None = None,
                        next_round: tuple[Sequence[Prompt], Sequence[int]] | None = None) -> RoundSummary:
         return self.runtime.generate_round(prompts, step, seeds, next_round)
+
+    def end_generation(self) -> None:
+        self.runtime.end_generation()
 
     def take_training_shares(self, requests: Sequence[Sequence[SeqKey]]):
         shares = self.runtime.take_training_shares(requests)

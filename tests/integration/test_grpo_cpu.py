@@ -321,8 +321,10 @@ def test_hybrid_dp2_two_steps_then_resume_on_one_rank(ray_cluster, tiny_hf_dir, 
                                                    ("cp2", "single")])
 def test_hybrid_layouts_two_steps_then_resume(ray_cluster, tiny_hf_dir, dataset, tmp_path, capsys, layout,
                                               resume_layout):
-    """The other actor layouts, each rank with its engine, and one engine spanning two ranks (vLLM TP2)."""
-    two_steps_then_resume(tiny_hf_dir, dataset, tmp_path / "run", capsys, layout, resume_layout)
+    """The other actor layouts, each rank with its engine, and one engine spanning two ranks (vLLM TP2), which
+    overlaps generation rounds (its follower rank follows the step's whole generation)."""
+    overlap = {"trainer.overlap_rounds": True} if layout == "tp2-engine-tp2" else {}
+    two_steps_then_resume(tiny_hf_dir, dataset, tmp_path / "run", capsys, layout, resume_layout, **overlap)
 
 
 # Metrics that measure the machine, not the run: they cannot repeat.

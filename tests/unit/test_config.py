@@ -102,8 +102,6 @@ def test_value_checks_across_sections():
      "trainer.prompts_per_round_multiplier applies to dynamic sampling"),
     (["algorithm.dynamic_sampling=false", "trainer.overlap_rounds=true"],
      "trainer.overlap_rounds applies to dynamic sampling"),
-    (["trainer.overlap_rounds=true", "rollout.tensor_parallel_size=2", "parallel.tp=2"],
-     "trainer.overlap_rounds=true with rollout.tensor_parallel_size=2 in hybrid placement"),
     (["trainer.overlap_rounds_at=0"], r"trainer.overlap_rounds_at is the share .* in \(0, 1\]; got 0.0"),
     (["trainer.overlap_rounds_at=1.5"], r"trainer.overlap_rounds_at is the share .* got 1.5"),
 ])
