@@ -10,6 +10,14 @@ own (rollout/seeds.py), so that every repeat and both loop modes generate exactl
   single   one single-turn request per trajectory, with the same first prompt and image, generating exactly
            that trajectory's number of generated tokens (end-of-turn tokens banned): the same token count
            with no tool round trips, no observation prefill and no crops to encode.
+  single (same work)
+           one single-turn request per trajectory whose prompt is the trajectory's whole context less its generated
+           tokens (the first prompt and every observation turn, with every image: prompt image and crops), generating
+           the trajectory's number of tokens under the [a-z ]* constraint: the engine computes the same prompt tokens,
+           encodes the same images and generates the same number of constrained tokens as the loop, in one turn.
+           async/single_same_work is the cost of the turns themselves (round trips, admissions spread over steps,
+           encoder calls per crop); async/single_constrained adds the work the workload's observations bring (on a
+           CPU prefill and image encoding cost about as much per token as decoding, on a GPU far less).
 A generated random-weight checkpoint never calls the tool by itself, so the loop's turns are constrained to
 think/zoom/answer with a regex (vLLM structured outputs), which costs a grammar check per request and a token
 mask per step that plain generation does not pay; "single (constrained)" generates the same token counts under
@@ -117,43 +125,50 @@ def main() -> None:
             loop.run(prompts, args.n, turn_synchronous=turn_synchronous, seeds=seeds)))
         return sum(t.num_generated_tokens for t in batch.trajectories), seconds, batch
 
-    def run_single(lengths: list[tuple[str, int]], guided: bool):
+    def run_single(trajectories, guided: bool = False, same_work: bool = False):
+        """One single-turn request per trajectory, generating its number of tokens (see the module docstring)."""
+
+        def request(index: int, traj) -> GenerationRequest:
+            if same_work:
+                prompt_ids, images = whole_context(traj, loop.turns.image_pad_id), [i.model for i in traj.images]
+            else:
+                prompt_ids, images = first_prompts[traj.uid]
+            return GenerationRequest(
+                request_id=f"single-{index}-{next(loop.request_counter)}",
+                prompt_token_ids=prompt_ids,
+                images=images,
+                image_ids=tuple(i.content_id for i in traj.images) if same_work else (),
+                max_tokens=traj.num_generated_tokens,
+                sampling=loop.sampling,
+                stop=tuple(cfg.stop),
+                banned_token_ids=loop.turns.placeholder_ids + end_ids,
+                guided_regex="[a-z ]*" if guided else "",
+                seed=index,
+            )
 
         async def generate_all():
-            requests = [
-                GenerationRequest(
-                    request_id=f"single-{index}-{next(loop.request_counter)}",
-                    prompt_token_ids=first_prompts[uid][0],
-                    images=first_prompts[uid][1],
-                    max_tokens=length,
-                    sampling=loop.sampling,
-                    stop=tuple(cfg.stop),
-                    banned_token_ids=loop.turns.placeholder_ids + end_ids,
-                    guided_regex="[a-z ]*" if guided else "",
-                    seed=index,
-                )
-                for index, (uid, length) in enumerate(lengths)
-            ]
-            return await asyncio.gather(*(engine.generate(request) for request in requests))
+            requests = [request(index, traj) for index, traj in enumerate(trajectories)]
+            return await asyncio.gather(*(engine.generate(r) for r in requests))
 
-        results, seconds = measured("single (constrained)" if guided else "single", lambda: asyncio.run(generate_all()))
+        name = "single (same work)" if same_work else "single (constrained)" if guided else "single"
+        assert guided or not same_work, "the same work as the loop's constrained turns is constrained"
+        results, seconds = measured(name, lambda: asyncio.run(generate_all()))
         return sum(len(r.token_ids) for r in results), seconds
 
     run_loop(False)  # warm-up: first requests, structured-output grammar compilation
-    rates: dict[str, list[float]] = {"async": [], "sync": [], "single": [], "single (constrained)": []}
+    rates: dict[str, list[float]] = {"async": [], "sync": [], "single": [], "single (constrained)": [],
+                                     "single (same work)": []}
     turns, tokens, bounds = [], [], []
     for _ in range(args.repeats):
         generated, seconds, batch = run_loop(False)
         rates["async"].append(generated / seconds)
         turns.append(sum(t.num_turns for t in batch.trajectories) / len(batch.trajectories))
         tokens.append(generated)
-        lengths = [(t.uid, t.num_generated_tokens) for t in batch.trajectories]
-        single_tokens, single_seconds = run_single(lengths, guided=False)
-        assert single_tokens == generated, (single_tokens, generated)
-        rates["single"].append(single_tokens / single_seconds)
-        guided_tokens, guided_seconds = run_single(lengths, guided=True)
-        assert guided_tokens == generated, (guided_tokens, generated)
-        rates["single (constrained)"].append(guided_tokens / guided_seconds)
+        for name, options in (("single", {}), ("single (constrained)", {"guided": True}),
+                              ("single (same work)", {"guided": True, "same_work": True})):
+            single_tokens, single_seconds = run_single(batch.trajectories, **options)
+            assert single_tokens == generated, (name, single_tokens, generated)
+            rates[name].append(single_tokens / single_seconds)
         sync_generated, sync_seconds, _ = run_loop(True)
         assert sync_generated == generated, (sync_generated, generated)  # the seeds make both loops generate alike
         rates["sync"].append(sync_generated / sync_seconds)
@@ -170,6 +185,7 @@ def main() -> None:
     ratios = {
         "async/single": median["async"] / median["single"],
         "async/single_constrained": median["async"] / median["single (constrained)"],
+        "async/single_same_work": median["async"] / median["single (same work)"],
         "sync/single": median["sync"] / median["single"],
         "async/sync": median["async"] / median["sync"],
         "single_constrained/single": median["single (constrained)"] / median["single"],
@@ -187,6 +203,18 @@ def main() -> None:
           f"(ratio {sync_bound / async_bound:.2f}: the most async can gain where a step costs the same whatever it holds)")
     print(json.dumps({"tokens_per_s": median, "ratios": ratios, "turns_mean": statistics.mean(turns), "engine": engine,
                       "step_bound": {"sync": sync_bound, "async": async_bound}}))
+
+
+def whole_context(traj, image_pad_id: int) -> list[int]:
+    """The trajectory's tokens less the generated ones (loss mask 1), each image's pad run back to one pad: the first
+    prompt and every observation turn, as one prompt (GenerationRequest takes one pad per image)."""
+    compact: list[int] = []
+    for token, generated in zip(traj.token_ids, traj.loss_mask):
+        if generated or (token == image_pad_id and compact and compact[-1] == image_pad_id):
+            continue
+        compact.append(token)
+    assert compact.count(image_pad_id) == len(traj.images), "every image is one pad run"
+    return compact
 
 
 def step_bounds(trajectories) -> tuple[int, int]:
