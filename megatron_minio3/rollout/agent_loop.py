@@ -587,21 +587,24 @@ class AgentLoop:
         progress = (Progress(len(prompts) * num_samples, progress_label, unit="trajectory")
                     if progress_label else None)
         finished: list[float] = []  # when each trajectory was done
-        if turn_synchronous:
-            trajectories = await self._run_lock_step(prompts, num_samples, skipped, finished, per_prompt, progress)
-        else:
-            async def prompt_group(index: int, prompt: Prompt, seed: int | None) -> list[Trajectory]:
-                group = await self._run_prompt(prompt, num_samples, skipped, finished, seed, progress, priority,
-                                               on_trajectory)
-                if on_group is not None and group:
-                    on_group(index, group)
-                return group
+        try:
+            if turn_synchronous:
+                trajectories = await self._run_lock_step(prompts, num_samples, skipped, finished, per_prompt,
+                                                         progress)
+            else:
+                async def prompt_group(index: int, prompt: Prompt, seed: int | None) -> list[Trajectory]:
+                    group = await self._run_prompt(prompt, num_samples, skipped, finished, seed, progress, priority,
+                                                   on_trajectory)
+                    if on_group is not None and group:
+                        on_group(index, group)
+                    return group
 
-            groups = await asyncio.gather(*(prompt_group(i, p, seed)
-                                            for i, (p, seed) in enumerate(zip(prompts, per_prompt))))
-            trajectories = [traj for group in groups for traj in group]
-        if progress is not None:
-            progress.close()
+                groups = await asyncio.gather(*(prompt_group(i, p, seed)
+                                                for i, (p, seed) in enumerate(zip(prompts, per_prompt))))
+                trajectories = [traj for group in groups for traj in group]
+        finally:  # a run cancelled (a round started early and dropped) or failed closes its progress too
+            if progress is not None:
+                progress.close()
         return RolloutBatch(trajectories=trajectories, skipped=skipped, wall_s=time.perf_counter() - started,
                             tail_s=tail_seconds(finished))
 

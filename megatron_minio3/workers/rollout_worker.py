@@ -16,6 +16,7 @@ This module imports no Megatron code.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -247,8 +248,13 @@ class RolloutRuntime:
         if run is None:
             return
         self._call_on_loop(run.task.cancel)
-        with contextlib.suppress(BaseException):
+        try:
             self._result(run)
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - a round nobody needs: its failure stops nothing
+            logger.warning("generation round %d, started early and not needed, had failed: %r", run.round_index + 1,
+                           exc)
         logger.info("generation round %d, started early, was not needed: dropped (%d of %d trajectories had ended)",
                     run.round_index + 1, run.ended, run.total)
 
