@@ -24,9 +24,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from collections.abc import Sequence
 
 from megatron_minio3.config.schema import Config
 from megatron_minio3.data.minio3_json import Prompt
