@@ -45,8 +45,8 @@ def step_config(model: Path, data: Path, out: Path, overlap: bool):
         "reward.verifiers": "{synthetic_visual_search: mc}",
         "algorithm.dynamic_sampling": "true",
         "trainer.output_dir": str(out),
-        "trainer.train_batch_size": 4,
-        "trainer.prompts_per_round_multiplier": 0.5,  # rounds of 2 prompts
+        "trainer.train_batch_size": 2,
+        "trainer.prompts_per_round_multiplier": 0.5,  # rounds of 1 prompt
         "trainer.max_generation_rounds": 12,
         "trainer.overlap_rounds": str(overlap).lower(),
     }
