@@ -267,13 +267,11 @@ class GRPOTrainer:
             with timer("generate"):
                 return self.workers.generate_round(prompts, step, round_index, next_prompts)
 
-        try:
-            collection = collect_rounds(generate_round, self.sampler, cfg.train_batch_size,
-                                        cfg.max_generation_rounds if dynamic else 1, cfg.prompts_per_round,
-                                        cfg.overlap_rounds, step)
-        finally:
-            if cfg.overlap_rounds:
-                self.workers.end_generation()
+        collection = collect_rounds(generate_round, self.sampler, cfg.train_batch_size,
+                                    cfg.max_generation_rounds if dynamic else 1, cfg.prompts_per_round,
+                                    cfg.overlap_rounds, step)
+        if cfg.overlap_rounds:  # a round started early and not needed is dropped; followers are released
+            self.workers.end_generation()
         check_rewards_available(collection, step)
         if not collection.full:
             logger.warning(collection.shortfall_warning(step, dynamic))

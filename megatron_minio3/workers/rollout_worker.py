@@ -294,7 +294,6 @@ class RolloutRuntime:
         rank and forgets every group of the step (the ones not asked for were not needed)."""
         from megatron_minio3.trainer.batch import training_sequences
 
-        self.drop_early_round()  # the controller has its batch
         needed = {key[1] for keys in requests for key in keys}
         missing = needed - set(self._groups)
         if missing or any(key[0] != self.handle for keys in requests for key in keys):

@@ -68,6 +68,8 @@ def run_step(cfg, prompts, step: int = 3):
         t = cfg.trainer
         collection = collect_rounds(generate_round, sampler, t.train_batch_size, t.max_generation_rounds,
                                     t.prompts_per_round, t.overlap_rounds, step)
+        if t.overlap_rounds:
+            runtime.end_generation()  # as the driver does after the step's last round
         keys = [group.key(i) for group in collection.kept for i in range(len(group.samples))]
         (sequences,) = runtime.take_training_shares([keys])
         busy = runtime.engines[0]._call(lambda engine: engine.has_unfinished_requests())

@@ -87,7 +87,8 @@ def main() -> None:
                                             cfg.trainer.overlap_rounds, step)
                 seconds = time.perf_counter() - started
                 keys = [group.key(i) for group in collection.kept for i in range(len(group.samples))]
-                (sequences,) = runtime.take_training_shares([keys])  # drops a round started early
+                runtime.end_generation()  # as the driver does: a round started early and not needed is dropped
+                (sequences,) = runtime.take_training_shares([keys])
                 kept_tokens[name] = [seq.token_ids for seq in sequences]
                 generated = sum(s.trajectory.num_generated_tokens for s in collection.samples)
                 if step > 1:
